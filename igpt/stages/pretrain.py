@@ -1,0 +1,11 @@
+"""Pretraining: next-token prediction on packed documents, attention masked to each document."""
+
+from igpt.stages.base import Stage
+
+
+class PretrainStage(Stage):
+    kind = "text"
+    chat = False
+
+
+STAGE = PretrainStage

@@ -1,0 +1,170 @@
+"""The trainer: exact resume, batch arithmetic, config errors, bits per byte, LR schedules, NaN handling, W&B."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from igpt.config import OptimConfig
+from igpt.trainer import lr_at
+from tests.conftest import REPO, TINY
+from tests.trainutil import compose_config, make_trainer, read_metrics, train
+
+
+def base(data_dir: str, run_dir: str, *extra: str) -> list[str]:
+    return [
+        "+stage=pretrain", f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.ckpt_every=4", "trainer.progress=false",
+        "trainer.sample_every_eval=false", "logger.wandb.mode=disabled", "optim.warmup_steps=2", "optim.lr=3e-3",
+        "trainer.eval_batches=2", *extra,
+    ]
+
+
+def test_resume_equals_uninterrupted_run(prepared_text_dir, tmp_path):
+    """Stop mid-run (the preemption path), resume with resume=auto: every later loss is bit-identical."""
+    full = str(tmp_path / "full")
+    train(base(prepared_text_dir, full, "trainer.max_steps=10"))
+    ref = read_metrics(full)
+
+    part = str(tmp_path / "part")
+    trainer = make_trainer(base(prepared_text_dir, part, "trainer.max_steps=10"))
+    step_fn = trainer.train_step
+
+    def stop_after_6(batch):
+        out = step_fn(batch)
+        if trainer.step == 5:  # becomes step 6 after the increment: stop there, mid-way between checkpoints
+            trainer.stop.reason = "test"
+        return out
+
+    trainer.train_step = stop_after_6
+    trainer.fit()
+    trainer.close()
+    assert json.load(open(os.path.join(part, "preempted")))["step"] == 6
+    assert sorted(read_metrics(part)) == list(range(1, 7))
+
+    train(base(prepared_text_dir, part, "trainer.max_steps=10"))
+    resumed = read_metrics(part)
+    assert not os.path.exists(os.path.join(part, "preempted"))
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step]["loss"] == ref[step]["loss"], step  # exact: fp32, one process, same machine
+        assert resumed[step]["grad_norm"] == ref[step]["grad_norm"], step
+    latest = open(os.path.join(part, "checkpoints", "latest")).read().strip()
+    assert latest == "step_0000010"
+
+
+def test_loss_decreases_and_eval_reports_bpb(prepared_text_dir, tmp_path):
+    run_dir = str(tmp_path / "r")
+    result = train(base(prepared_text_dir, run_dir, "trainer.max_steps=30", "trainer.eval_every=15",
+                        "trainer.eval_batches=0"))
+    train_m = read_metrics(run_dir)
+    assert train_m[30]["loss"] < train_m[1]["loss"] - 0.5
+    vals = read_metrics(run_dir, "val")
+    assert sorted(vals) == [15, 30]
+    assert vals[30]["loss"] < vals[15]["loss"]
+    # bpb = nats / ln2 / bytes: consistent with the per-token loss and the split's bytes per token
+    index = json.load(open(os.path.join(prepared_text_dir, "index.json")))
+    val = index["splits"]["val"]
+    bytes_per_token = val["bytes"] / val["tokens"]
+    assert result["bpb"] == pytest.approx(result["loss"] / math.log(2) / bytes_per_token, rel=0.05)
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "time"):
+        assert key in train_m[30], key
+    assert os.path.exists(os.path.join(run_dir, "config.yaml"))
+
+
+def test_batch_size_mismatch_fails_at_start(prepared_text_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"global_batch_size \(10\).*micro_batch_size \(4\)"):
+        make_trainer(base(prepared_text_dir, str(tmp_path / "x"), "trainer.global_batch_size=10"))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.max_stepz=3", "trainer.max_stepz"),
+        ("++trainer.bogus=1", "trainer.bogus"),
+        ("trainer.max_steps=many", "trainer.max_steps"),
+        ("kernels.attention=cuda_magic", "kernels.attention"),
+    ],
+)
+def test_bad_config_fails_before_running(prepared_text_dir, tmp_path, override, message):
+    run_dir = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, "igpt/train.py", *base(prepared_text_dir, str(run_dir)), override],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_lr_schedules():
+    cos = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, cos, 100) == pytest.approx(0.1)
+    assert lr_at(9, cos, 100) == pytest.approx(1.0)
+    assert lr_at(55, cos, 100) == pytest.approx(0.55)
+    assert lr_at(100, cos, 100) == pytest.approx(0.1)
+    wsd = OptimConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, wsd, 100) == 1.0 and lr_at(79, wsd, 100) == 1.0
+    assert lr_at(90, wsd, 100) == pytest.approx(0.5)
+    assert lr_at(100, wsd, 100) == pytest.approx(0.0)
+
+
+def test_non_finite_loss_skips_step_then_stops(prepared_text_dir, tmp_path):
+    trainer = make_trainer(base(prepared_text_dir, str(tmp_path / "nan"), "trainer.max_steps=10",
+                                "trainer.max_bad_steps=3"))
+    step_fn = trainer.train_step
+
+    def poisoned(batch):
+        if trainer.step >= 2:
+            with torch.no_grad():  # a NaN in the embedding makes every loss NaN
+                trainer.strategy.module.tok_embeddings.weight[0, 0] = float("nan")
+        return step_fn(batch)
+
+    trainer.train_step = poisoned
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses, the last at step 5"):
+        trainer.fit()
+    trainer.close()
+    assert trainer.skipped_steps == 3
+
+
+def test_wandb_offline_read_back(prepared_text_dir, tmp_path):
+    """The offline W&B run holds the same train/loss and eval/bpb values as metrics.jsonl."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    run_dir = str(tmp_path / "wb")
+    train(base(prepared_text_dir, run_dir, "trainer.max_steps=4", "trainer.eval_every=4",
+               "logger.wandb.mode=offline", "trainer.sample_every_eval=true"))
+    files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(files) == 1, files
+    ds = datastore.DataStore()
+    ds.open_for_scan(files[0])
+    history: dict[int, dict] = {}
+    config_seen = False
+    while (data := ds.scan_data()) is not None:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
+            history[int(items["_step"])] = items
+        elif rec.WhichOneof("record_type") == "config":
+            config_seen = config_seen or any(i.key == "trainer" for i in rec.config.update)
+    assert config_seen
+    ref = read_metrics(run_dir)
+    for step in range(1, 5):
+        assert float(history[step]["train/loss"]) == pytest.approx(ref[step]["loss"], rel=1e-9)
+        assert "perf/tokens_per_s" in history[step] and "sys/peak_mem_gb" in history[step]
+    assert float(history[4]["eval/bpb"]) == pytest.approx(read_metrics(run_dir, "val")[4]["bpb"], rel=1e-9)
+    assert "eval/samples" in history[4]
+
+
+def test_compose_defaults():
+    cfg = compose_config(["+stage=sft", "data.dir=/d"])
+    assert cfg.stage.kind == "sft" and cfg.strategy.name == "single" and cfg.model.name == "tiny"

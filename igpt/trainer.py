@@ -12,7 +12,6 @@ exit 0 after writing ``<run_dir>/preempted``, which the Slurm scripts read to re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -201,11 +200,6 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # ---- the loop --------------------------------------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.precision == "bf16" and not self.strategy.sharded:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _micro_batches(self, batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
         mb = self.cfg.trainer.micro_batch_size
         for i in range(self.accum):
@@ -219,7 +213,7 @@ class Trainer:
         scale = self.world_size / max(global_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, micro in enumerate(self._micro_batches(batch)):
-            with self.strategy.no_sync(last_micro=i == self.accum - 1), self.autocast():
+            with self.strategy.no_sync(last_micro=i == self.accum - 1), self.strategy.autocast():
                 out = self.stage(self.model, micro)
                 self.strategy.backward(out.loss_sum * scale)
             loss_sum += out.loss_sum.detach().to(torch.float64)
@@ -253,7 +247,7 @@ class Trainer:
                 batch["labels"].fill_(-100)
             last = batch
             for micro in self._micro_batches(batch):
-                with self.autocast():
+                with self.strategy.autocast():
                     per_tok = self.model(micro["input_ids"], position_ids=micro.get("position_ids"),
                                          labels=micro["labels"], reduction="none")
                 keep = micro["labels"] != -100
@@ -278,7 +272,7 @@ class Trainer:
             return []
         if not self.strategy.sharded and not self.is_main:
             return []
-        with self.autocast():
+        with self.strategy.autocast():
             outs = generate(
                 self.strategy.module, self.tokenizer, list(self.cfg.trainer.sample_prompts),
                 max_new_tokens=self.cfg.trainer.sample_max_new_tokens, temperature=0.0, chat=self.stage.chat,

@@ -100,6 +100,12 @@ class Strategy:
         assert self.model is not None
         return self.model
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around forward passes when precision=bf16 (sharded strategies use their own policies)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     # ---- step --------------------------------------------------------------------------------------------------
     def no_sync(self, last_micro: bool) -> contextlib.AbstractContextManager:
         """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""

@@ -1,0 +1,380 @@
+"""Tokenize text, chat or preference data into WebDataset shards with an ``index.json`` (docs/internals.md).
+
+    python -m igpt.data.prepare input=<glob or comma list> output_dir=<dir> tokenizer=<file.json>
+        [kind=text|sft|pref] [val_fraction=0.05] [seq_len=<n>] [shard_tokens=1000000] [num_workers=<n>]
+        [encoding=utf-8] [separator=<str>] [strip_gutenberg=false] [chunk_bytes=65536] [seed=1234] [overwrite=false]
+
+Samples (one per WebDataset key ``{shard:06d}_{index:08d}``, arrays raw little-endian, uint16 ids when the vocabulary
+fits, else uint32; masks uint8):
+- kind=text: ``ids.bin`` = ``<|endoftext|>`` + the tokens of one document. Each file is a document, or the pieces
+  between ``separator`` (command-line escapes such as ``\\n`` are understood). Documents longer than ``chunk_bytes``
+  characters are cut after paragraph ends into chunks, each its own sample: shards balance, and the train/val split
+  can hold out part of a single large file. A chunk is tokenized on its own, so no token spans a cut.
+- kind=sft: ``ids.bin`` and ``mask.bin`` from ``igpt.data.chat.encode_chat``. With ``seq_len``, conversations longer
+  than ``seq_len + 1`` tokens keep their start (and are counted in a warning); one left with no assistant token is
+  dropped.
+- kind=pref: ``chosen.bin``, ``chosen_mask.bin``, ``rejected.bin``, ``rejected_mask.bin``: prompt + response, mask 1
+  on the response's assistant tokens incl. ``<|im_end|>``; truncated like sft.
+
+``bytes`` in the index is the UTF-8 size of the text each split holds: for text, the decoded documents (after
+header stripping, without separators); for sft and pref, the message contents of the stored sequences (pref: both
+sequences, so the prompt counts twice).
+
+The train/val split is a seeded pseudo-random choice of samples (chunks, conversations or pairs) filling
+``val_fraction`` of the bytes, so val is representative of the whole input; the order of samples in each split is a
+seeded shuffle. The same inputs and options give byte-identical shards (fixed tar metadata), whatever
+``num_workers``. Output is written to a temporary folder beside ``output_dir`` and renamed into place at the end,
+so a failure never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from igpt.data.chat import ENDOFTEXT, encode_chat, encode_texts, special_ids
+from igpt.data.formats import (
+    chunk_text,
+    expand_inputs,
+    fail,
+    iter_jsonl_lines,
+    load_record,
+    parse_args,
+    parse_pref_record,
+    parse_sft_record,
+    read_text,
+    split_documents,
+    unescape,
+)
+from igpt.data.tokenizer import load_tokenizer, resolve_tokenizer_path, vocab_size
+
+KINDS = ("text", "sft", "pref")
+TASK_CHARS = 1 << 20  # text per worker task
+TASK_RECORDS = 256  # JSONL lines per worker task
+INDEX_VERSION = 1
+
+# One encoded sample: (arrays by WebDataset field name, token count, UTF-8 bytes, status) where status is
+# "" (kept whole), "truncated" or "dropped" (nothing left to learn after truncation).
+Sample = tuple[dict[str, bytes], int, int, str]
+
+
+class _Encoder:
+    """Turns raw inputs into samples; one lives in every worker process (or in the caller when num_workers <= 1)."""
+
+    def __init__(self, tokenizer_json: str, seq_len: int | None, dtype: str) -> None:
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.eot = special_ids(self.tok)[ENDOFTEXT]
+        self.seq_len = seq_len
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+
+    def _ids(self, ids: Sequence[int]) -> bytes:
+        return np.asarray(ids, dtype=self.dtype).tobytes()
+
+    def text(self, chunks: list[str]) -> list[Sample]:
+        out = []
+        for chunk, ids in zip(chunks, encode_texts(self.tok, chunks)):
+            out.append(({"ids.bin": self._ids([self.eot, *ids])}, len(ids) + 1, len(chunk.encode("utf-8")), ""))
+        return out
+
+    def _conversation(self, messages: list[dict[str, str]], prompt_len: int = 0) -> tuple[list, list, int, str]:
+        ids, mask = encode_chat(self.tok, messages)
+        mask[:prompt_len] = [0] * prompt_len
+        nbytes = sum(len(m["content"].encode("utf-8")) for m in messages)
+        status = ""
+        if self.seq_len is not None and len(ids) > self.seq_len + 1:
+            ids, mask = ids[: self.seq_len + 1], mask[: self.seq_len + 1]
+            nbytes = len(self.tok.decode(ids, skip_special_tokens=True).encode("utf-8"))
+            status = "truncated" if any(mask) else "dropped"
+        return ids, mask, nbytes, status
+
+    def records(self, kind: str, lines: list[tuple[str, str]]) -> list[Sample]:
+        out = []
+        for where, line in lines:
+            obj = load_record(line, where)
+            if kind == "sft":
+                ids, mask, nbytes, status = self._conversation(parse_sft_record(obj, where))
+                arrays = {"ids.bin": self._ids(ids), "mask.bin": bytes(mask)}
+                out.append((arrays, len(ids), nbytes, status))
+                continue
+            prompt, chosen, rejected = parse_pref_record(obj, where)
+            prompt_len = len(encode_chat(self.tok, prompt)[0])
+            c_ids, c_mask, c_bytes, c_status = self._conversation(prompt + chosen, prompt_len)
+            r_ids, r_mask, r_bytes, r_status = self._conversation(prompt + rejected, prompt_len)
+            arrays = {
+                "chosen.bin": self._ids(c_ids),
+                "chosen_mask.bin": bytes(c_mask),
+                "rejected.bin": self._ids(r_ids),
+                "rejected_mask.bin": bytes(r_mask),
+            }
+            statuses = {c_status, r_status}
+            status = "dropped" if "dropped" in statuses else "truncated" if "truncated" in statuses else ""
+            out.append((arrays, len(c_ids) + len(r_ids), c_bytes + r_bytes, status))
+        return out
+
+
+_WORKER: _Encoder | None = None
+
+
+def _init_worker(*args: Any) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no Rust threads per worker
+    _WORKER = _Encoder(*args)
+
+
+def _run_task(task: tuple[str, Any]) -> list[Sample]:
+    assert _WORKER is not None
+    method, payload = task
+    return _WORKER.text(payload) if method == "text" else _WORKER.records(method, payload)
+
+
+def _map_ordered(
+    tasks: Iterable[tuple[str, Any, int]], num_workers: int, init_args: tuple
+) -> Iterator[tuple[list[Sample], int]]:
+    """Run ``(method, payload, input_bytes)`` tasks in a process pool; yield ``(samples, input_bytes)`` in task order
+    with a bounded number of tasks in flight (so memory stays bounded however large the input)."""
+    if num_workers <= 1:
+        encoder = _Encoder(*init_args)
+        for method, payload, size in tasks:
+            yield (encoder.text(payload) if method == "text" else encoder.records(method, payload)), size
+        return
+    with multiprocessing.get_context().Pool(num_workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque = deque()
+        for method, payload, size in tasks:
+            pending.append((pool.apply_async(_run_task, ((method, payload),)), size))
+            if len(pending) >= 4 * num_workers:
+                result, size = pending.popleft()
+                yield result.get(), size
+        while pending:
+            result, size = pending.popleft()
+            yield result.get(), size
+
+
+def _text_tasks(
+    files: Sequence[str], encoding: str, separator: str | None, strip_gutenberg: bool, chunk_bytes: int
+) -> Iterator[tuple[str, list[str], int]]:
+    from igpt.data.corpus import strip_gutenberg as strip
+
+    batch: list[str] = []
+    size = 0
+    for path in files:
+        text = read_text(path, encoding)
+        if strip_gutenberg:
+            text = strip(text)
+        for doc in split_documents(text, separator):
+            for chunk in chunk_text(doc, chunk_bytes):
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= TASK_CHARS:
+                    yield "text", batch, size
+                    batch, size = [], 0
+    if batch:
+        yield "text", batch, size
+
+
+def _record_tasks(kind: str, files: Sequence[str], encoding: str) -> Iterator[tuple[str, list[tuple[str, str]], int]]:
+    batch: list[tuple[str, str]] = []
+    size = 0
+    for path in files:
+        for item in iter_jsonl_lines(path, encoding):
+            batch.append(item)
+            size += len(item[1])
+            if len(batch) >= TASK_RECORDS:
+                yield kind, batch, size
+                batch, size = [], 0
+    if batch:
+        yield kind, batch, size
+
+
+def choose_val(nbytes: Sequence[int], val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the samples held out for validation.
+
+    Walks a seeded permutation of the samples and takes them until their bytes reach ``val_fraction`` of the total;
+    at least one sample goes to val when ``val_fraction > 0`` and there are two or more, and train is never empty.
+    """
+    n = len(nbytes)
+    val = np.zeros(n, dtype=bool)
+    if val_fraction <= 0 or n < 2:
+        return val
+    target = val_fraction * float(sum(nbytes))
+    taken = 0.0
+    for count, i in enumerate(np.random.default_rng(seed).permutation(n)):
+        # stop at the target, or before a sample that would overshoot it by more than stopping undershoots
+        if count == n - 1 or (count > 0 and (taken >= target or taken + nbytes[i] - target > target - taken)):
+            break
+        val[i] = True
+        taken += nbytes[i]
+    return val
+
+
+def _write_split(
+    root: str, split: str, samples: list[Sample], order: np.ndarray, shard_tokens: int, progress: bool
+) -> dict[str, Any]:
+    os.makedirs(os.path.join(root, split))
+    shards: list[dict[str, Any]] = []
+    writer: wds.TarWriter | None = None
+    for i in tqdm(order, desc=f"writing {split}", unit="sample", disable=not progress):
+        arrays, tokens, nbytes, _ = samples[i]
+        if writer is None or (shards[-1]["tokens"] > 0 and shards[-1]["tokens"] + tokens > shard_tokens):
+            if writer is not None:
+                writer.close()
+            name = f"{split}/shard-{len(shards):06d}.tar"
+            # fixed owner, mode and mtime: identical inputs give byte-identical shards
+            writer = wds.TarWriter(os.path.join(root, name), encoder=False, user="igpt", group="igpt", mtime=0.0)
+            shards.append({"name": name, "samples": 0, "tokens": 0, "bytes": 0})
+        shard = shards[-1]
+        writer.write({"__key__": f"{len(shards) - 1:06d}_{shard['samples']:08d}", **arrays})
+        shard["samples"] += 1
+        shard["tokens"] += tokens
+        shard["bytes"] += nbytes
+    if writer is not None:
+        writer.close()
+    totals = {k: sum(s[k] for s in shards) for k in ("samples", "tokens", "bytes")}
+    return {**totals, "shards": shards}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare(
+    input: str | Sequence[str],
+    output_dir: str,
+    tokenizer: str,
+    kind: str = "text",
+    val_fraction: float = 0.05,
+    seq_len: int | None = None,
+    shard_tokens: int = 1_000_000,
+    num_workers: int | None = None,
+    encoding: str = "utf-8",
+    separator: str | None = None,
+    strip_gutenberg: bool = False,
+    chunk_bytes: int = 65536,
+    seed: int = 1234,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize ``input`` into ``output_dir`` (see the module docstring) and return the index written there."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction}: expected a share in [0, 1)")
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}: expected a positive number of tokens")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens={shard_tokens}: expected a positive number of tokens")
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not overwrite:
+        raise FileExistsError(f"output_dir {output_dir} exists; pass overwrite=true to replace it")
+    files = expand_inputs(input)
+    tok_path = resolve_tokenizer_path(tokenizer)
+    tok = load_tokenizer(tok_path)
+    vocab = vocab_size(tok)
+    dtype = "uint16" if vocab <= 65536 else "uint32"
+    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    init_args = (tok.to_str(), seq_len, dtype)
+
+    if kind == "text":
+        tasks: Iterable = _text_tasks(files, encoding, separator, strip_gutenberg, chunk_bytes)
+    else:
+        tasks = _record_tasks(kind, files, encoding)
+    samples: list[Sample] = []
+    total = sum(os.path.getsize(f) for f in files)
+    results = _map_ordered(tasks, workers, init_args)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=not progress)
+    with bar, closing(results):  # closing: an interrupt here still shuts the worker pool down
+        for result, size in results:
+            samples.extend(result)
+            bar.update(min(size, total - bar.n))
+        bar.update(total - bar.n)
+    truncated = sum(s[3] == "truncated" for s in samples)
+    dropped = sum(s[3] == "dropped" for s in samples)
+    samples = [s for s in samples if s[3] != "dropped"]
+    if truncated or dropped:
+        warnings.warn(
+            f"{truncated + dropped} sequence(s) were longer than seq_len + 1 = {(seq_len or 0) + 1} tokens: "
+            f"{truncated} truncated (start kept), {dropped} dropped because no response token was left to learn",
+            stacklevel=2,
+        )
+    if not samples:
+        raise ValueError(f"input {input!r}: no {'text' if kind == 'text' else 'records'} found in {len(files)} file(s)")
+
+    val = choose_val([s[2] for s in samples], val_fraction, seed)
+    if val_fraction > 0 and not val.any():
+        warnings.warn(f"val_fraction={val_fraction} but only one sample exists: the val split is empty", stacklevel=2)
+    rng = np.random.default_rng(seed + 1)
+    orders = {"train": rng.permutation(np.flatnonzero(~val)), "val": rng.permutation(np.flatnonzero(val))}
+
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        splits = {
+            name: _write_split(tmp, name, samples, order, shard_tokens, progress) for name, order in orders.items()
+        }
+        shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.json"))
+        index = {
+            "version": INDEX_VERSION,
+            "kind": kind,
+            "dtype": dtype,
+            "tokenizer": {"path": "tokenizer.json", "sha256": _sha256(tok_path), "vocab_size": vocab},
+            "seq_len": seq_len,
+            "splits": splits,
+        }
+        with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+        if os.path.exists(output_dir):  # overwrite=True: move the old one aside, then swap
+            old = os.path.join(parent, f".{os.path.basename(output_dir)}.old-{os.getpid()}")
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    prog = "igpt.data.prepare"
+    args = parse_args(
+        sys.argv[1:] if argv is None else argv, prepare, prog, ("input", "output_dir", "tokenizer"), __doc__
+    )
+    if args.get("separator"):
+        args["separator"] = unescape(args["separator"])
+    start = time.perf_counter()
+    try:
+        index = prepare(**args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        fail(prog, e)
+    elapsed = time.perf_counter() - start
+    total_bytes = sum(s["bytes"] for s in index["splits"].values())
+    for name, s in index["splits"].items():
+        print(f"{name}: {s['samples']} samples, {s['tokens']} tokens, {s['bytes']} bytes, {len(s['shards'])} shard(s)")
+    print(f"wrote {args['output_dir']} in {elapsed:.1f}s ({total_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -145,19 +145,25 @@ def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or model/ (DCP) weights")
 
 
-def load_model(path: str, device: str | torch.device = "cpu"):
-    """``(model, tokenizer, meta)`` from a checkpoint or run dir, whatever strategy and world size wrote it."""
-    from igpt.config import ModelConfig
-    from igpt.data.tokenizer import load_tokenizer
-    from igpt.model import Transformer
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Load full weights into a plain ``Transformer``; a tied checkpoint may store the shared matrix once."""
+    tied = model.cfg.tie_embeddings
+    if tied:
+        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(state, assign=assign)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
 
-    ckpt = resolve(path)
-    meta = read_meta(ckpt)
-    model = Transformer(ModelConfig(**meta["model"]))
-    model.load_state_dict(read_model_state(ckpt))
-    model.to(device).eval()
-    tokenizer = load_tokenizer(os.path.join(ckpt, meta.get("tokenizer", "tokenizer.json")))
-    return model, tokenizer, meta
+
+def savable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the alias of a tied output matrix (safetensors refuses aliased tensors; ``load_weights`` restores it)."""
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def save(

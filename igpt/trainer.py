@@ -151,10 +151,14 @@ class Trainer:
         self.strategy.barrier()
 
         # ---- model, optimizer --------------------------------------------------------------------------------------
-        from igpt.model import Transformer
+        from igpt.model import Transformer, resolve_attention_backend, resolve_loss_backend
 
+        compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        attn = resolve_attention_backend(cfg.kernels.attention, self.device, cfg.kernels.strict, dtype=compute_dtype)
+        loss = resolve_loss_backend(cfg.kernels.loss, self.device, cfg.kernels.strict)
+        log.info("kernels: attention=%s loss=%s", attn, loss)
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-        model = Transformer(cfg.model, attention=cfg.kernels.attention, loss=cfg.kernels.loss, strict=cfg.kernels.strict)
+        model = Transformer(cfg.model, attention=attn, loss=loss)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" else None
         resume_from = self.strategy.broadcast_object(resume_from)
@@ -185,7 +189,7 @@ class Trainer:
                 f"init_from={path}: model.{k} is {ours[k]!r} here but {meta['model'].get(k)!r} in {ckpt} "
                 f"(use model={meta['model'].get('name')} or matching overrides)"
             )
-        model.load_state_dict(checkpoint.read_model_state(ckpt))
+        checkpoint.load_weights(model, checkpoint.read_model_state(ckpt), ckpt)
         log.info("initialised weights from %s (step %s of stage %s)", ckpt, meta.get("step"), meta.get("stage"))
 
     def _resume(self, ckpt: str) -> None:

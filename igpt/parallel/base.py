@@ -165,18 +165,20 @@ class Strategy:
         from safetensors.torch import save_file
 
         assert self.optimizer is not None
+        from igpt.checkpoint import savable_state
+
         if self.rank == 0:
-            state = {k: v.contiguous() for k, v in self.model_state_dict().items()}
+            state = savable_state(_unwrap(self.module), self.model_state_dict())
             save_file(state, os.path.join(ckpt_dir, "model.safetensors"), metadata={"format": "pt"})
             torch.save(self.optimizer.state_dict(), os.path.join(ckpt_dir, "optimizer.pt"))
         return ["model.safetensors", "optimizer.pt"]
 
     def load(self, ckpt_dir: str) -> None:
         """Restore model and optimizer state written by ``save`` (any strategy's consolidated format)."""
-        from igpt.checkpoint import read_model_state
+        from igpt.checkpoint import load_weights, read_model_state
 
         assert self.optimizer is not None
-        _unwrap(self.module).load_state_dict(read_model_state(ckpt_dir))
+        load_weights(_unwrap(self.module), read_model_state(ckpt_dir), ckpt_dir)
         path = os.path.join(ckpt_dir, "optimizer.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(

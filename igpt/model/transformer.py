@@ -1,0 +1,245 @@
+"""A Llama-style decoder-only transformer in plain PyTorch.
+
+Architecture (Llama 2/3, Touvron et al. 2023; the layout of Hugging Face's ``LlamaForCausalLM``)::
+
+    embed_tokens -> n_layers x Block -> norm (RMSNorm) -> lm_head
+    Block: h = x + self_attn(input_layernorm(x));  out = h + mlp(post_attention_layernorm(h))
+
+with rotary position embeddings (RoPE, Su et al. 2021) on queries and keys, grouped-query attention (``n_kv_heads``
+key/value heads shared by ``n_heads / n_kv_heads`` query heads each), a SwiGLU MLP (Shazeer 2020) and no biases.
+
+Module and parameter names equal Hugging Face Llama's (``layers.0.self_attn.q_proj.weight`` here is
+``model.layers.0.self_attn.q_proj.weight`` there; ``lm_head.weight`` is the same), and RoPE uses the same
+"rotate half" convention (the two halves of each head dimension form the rotated pairs), so weights export to
+``LlamaForCausalLM`` without permutation (``igpt/export.py``).
+
+Initialisation: every linear and embedding weight is drawn from N(0, ``init_std``); the two projections that write
+into the residual stream in each block (``self_attn.o_proj`` and ``mlp.down_proj``) use ``init_std / sqrt(2 *
+n_layers)`` so the residual stream's variance does not grow with depth (GPT-2, Radford et al. 2019, section 2.3).
+RMSNorm weights start at 1. With ``tie_embeddings`` the output matrix is the embedding matrix (``lm_head.weight is
+embed_tokens.weight``), initialised once with ``init_std``.
+
+The model knows nothing about parallelism: FSDP, DeepSpeed, activation checkpointing and ``torch.compile`` are applied
+from outside (``igpt/parallel/``), per ``Block`` in ``model.layers``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from igpt.config import ModelConfig
+from igpt.model.attention import AttentionInfo, attention, attention_info, decode_attention
+from igpt.model.kv_cache import KVCache
+from igpt.model.loss import IGNORE_INDEX, lm_loss
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32 like Hugging Face's ``LlamaRMSNorm``."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``(B, S, D)`` of RoPE angles for ``position_ids`` ``(B, S)``, computed in fp32 then cast.
+
+    Frequencies ``theta ** (-2i / D)`` for i < D/2, repeated over both halves of the head dimension (HF Llama).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim))
+    angles = position_ids[..., None].float() * inv_freq  # (B, S, D/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (B, S, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, S, H, D)`` by the angles in cos/sin ``(B, S, D)``; pairs are (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, S, H, D/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, S, H, D)
+    cos, sin = cos.to(x.dtype)[:, :, None], sin.to(x.dtype)[:, :, None]  # (B, S, 1, D); keeps x's dtype under autocast
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; the attention itself is ``igpt.model.attention``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        info: AttentionInfo | None,
+        backend: str,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, L, Hkv, D)
+            out = decode_attention(q, k, v, kv_cache.mask)
+        else:
+            out = attention(q, k, v, info, backend)  # (B, S, Hq, D)
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # (B, S, dim)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: attention and SwiGLU, each behind an RMSNorm and a residual connection."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        info: AttentionInfo | None = None,
+        backend: str = "sdpa",
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, info, backend, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. ``attention`` picks the attention backend (sdpa | flash | triton), ``loss`` the loss backend
+    (torch | triton); resolve them for the device first with ``resolve_attention_backend`` / ``resolve_loss_backend``.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention: str = "sdpa", loss: str = "torch") -> None:
+        super().__init__()
+        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads or (cfg.dim // cfg.n_heads) % 2:
+            raise ValueError(
+                f"model: dim ({cfg.dim}) must split into n_heads ({cfg.n_heads}) heads of even size, and n_heads "
+                f"must be a multiple of n_kv_heads ({cfg.n_kv_heads})"
+            )
+        self.cfg = cfg
+        self.attention_backend = attention
+        self.loss_backend = loss
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter as the module docstring describes (also after building on ``meta``)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        for block in self.layers:
+            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+                nn.init.normal_(lin.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.gate_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.up_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=out_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=out_std)
+            block.input_layernorm.reset_parameters()
+            block.post_attention_layernorm.reset_parameters()
+        self.norm.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        reduction: str = "sum",
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits ``(B, S, V)``, or with ``labels`` ``(B, S)`` the fp32 cross-entropy (never the logits).
+
+        ``position_ids`` ``(B, S)`` are the RoPE positions and, without a cache, also the document boundaries: a token
+        attends only to earlier tokens of its own document (doc id = ``cumsum(position_ids == 0)``). None: plain
+        causal attention with positions ``0..S-1`` (after the cache's length when decoding).
+
+        ``reduction="sum"`` sums the loss over tokens whose label is not -100; ``"none"`` returns it per token
+        ``(B, S)`` with 0 at ignored tokens.
+
+        With ``kv_cache`` (decoding, sdpa): the new tokens are appended to the cache and attend to everything in it;
+        ``attention_mask`` ``(B, S)`` marks real (True) versus left-padding (False) tokens; documents are not masked.
+        ``logits_to_keep > 0`` returns only the logits of the last that many positions (a prefill needs one).
+        """
+        b, s = input_ids.shape
+        if position_ids is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + s, device=input_ids.device).expand(b, s)  # (B, S)
+            info = AttentionInfo(causal_only=True)
+        elif kv_cache is None:
+            info = attention_info(position_ids, self.attention_backend)
+        else:
+            info = None
+        if kv_cache is not None:
+            kv_cache.begin(s, attention_mask)
+        x = self.embed_tokens(input_ids)  # (B, S, dim)
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        cos, sin = rope_cos_sin(position_ids, head_dim, self.cfg.rope_theta, x.dtype)  # (B, S, D)
+        for block in self.layers:
+            x = block(x, cos, sin, info, self.attention_backend, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(s)
+        x = self.norm(x)  # (B, S, dim)
+        if labels is None:
+            if logits_to_keep > 0:
+                x = x[:, -logits_to_keep:]  # (B, logits_to_keep, dim)
+            return self.lm_head(x)  # (B, S, V)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        loss = lm_loss(
+            x.reshape(b * s, -1), self.lm_head.weight, labels.reshape(b * s), self.loss_backend, reduction
+        )  # () or (B*S,)
+        return loss if reduction == "sum" else loss.reshape(b, s)  # () or (B, S)
+
+
+__all__ = ["Attention", "Block", "IGNORE_INDEX", "MLP", "RMSNorm", "Transformer", "apply_rope", "rope_cos_sin"]

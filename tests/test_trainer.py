@@ -124,7 +124,7 @@ def test_non_finite_loss_skips_step_then_stops(prepared_text_dir, tmp_path):
     def poisoned(batch):
         if trainer.step >= 2:
             with torch.no_grad():  # a NaN in the embedding makes every loss NaN
-                trainer.strategy.module.tok_embeddings.weight[0, 0] = float("nan")
+                trainer.strategy.module.embed_tokens.weight[0, 0] = float("nan")
         return step_fn(batch)
 
     trainer.train_step = poisoned

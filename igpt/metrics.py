@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -84,24 +85,29 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+_USER_WANDB_ENV = {k for k in os.environ if k.startswith("WANDB_")}  # what the user set before igpt touched it
+
+
 def _init_wandb(run_dir: str, config: dict[str, Any], cfg):
     import wandb
 
-    # Keep every W&B file under the run dir and away from the home folder.
-    os.environ.setdefault("WANDB_DIR", run_dir)
-    os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(run_dir, "wandb", ".cache"))
-    os.environ.setdefault("WANDB_DATA_DIR", os.path.join(run_dir, "wandb", ".data"))
-    os.environ.setdefault("WANDB_CONFIG_DIR", os.path.join(run_dir, "wandb", ".config"))
-    os.environ.setdefault("WANDB_SILENT", "true")
+    # Keep every W&B file under the run dir and away from the home folder, unless the user chose other places.
+    wandb_dir = os.path.join(run_dir, "wandb")
+    defaults = {"WANDB_DIR": run_dir, "WANDB_CACHE_DIR": os.path.join(wandb_dir, ".cache"),
+                "WANDB_DATA_DIR": os.path.join(wandb_dir, ".data"),
+                "WANDB_CONFIG_DIR": os.path.join(wandb_dir, ".config"), "WANDB_SILENT": "true"}
+    for key, value in defaults.items():
+        if key not in _USER_WANDB_ENV:
+            os.environ[key] = value
     id_file = os.path.join(run_dir, "wandb_id")
     if os.path.exists(id_file):
         with open(id_file, encoding="utf-8") as f:
             run_id = f.read().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:8]
         with open(id_file, "w", encoding="utf-8") as f:
             f.write(run_id)
-    os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
+    os.makedirs(wandb_dir, exist_ok=True)
     run = wandb.init(
         project=cfg.project, entity=cfg.entity, name=cfg.name or os.path.basename(os.path.abspath(run_dir)),
         tags=list(cfg.tags), config=config, dir=run_dir, mode=cfg.mode, id=run_id, resume="allow",

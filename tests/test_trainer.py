@@ -141,6 +141,9 @@ def test_wandb_offline_read_back(prepared_text_dir, tmp_path):
     run_dir = str(tmp_path / "wb")
     train(base(prepared_text_dir, run_dir, "trainer.max_steps=4", "trainer.eval_every=4",
                "logger.wandb.mode=offline", "trainer.sample_every_eval=true"))
+    import wandb
+
+    wandb.teardown()  # the W&B service flushes its offline log when it stops (at process exit in a real run)
     files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(files) == 1, files
     history: dict[int, dict] = {}

@@ -1,0 +1,158 @@
+"""FSDP2: parameters, gradients and optimizer state sharded over ranks with ``fully_shard``.
+
+Follows torchtitan's ``parallelize`` recipe (``torchtitan/models/llama3/infra/parallelize.py``) and the PyTorch FSDP2
+tutorial: activation checkpointing and ``torch.compile`` first (``Strategy.prepare_model``), then ``fully_shard`` on
+every transformer block (each block is one all-gather / reduce-scatter unit), then on the root, which owns the
+embedding, the final norm and the output head. Options (``conf/strategy/fsdp.yaml``):
+
+- ``param_dtype`` / ``reduce_dtype``: ``MixedPrecisionPolicy``. With ``precision=bf16`` parameters are cast to bf16
+  for compute while the sharded master weights, the optimizer state and the gradient reduction stay fp32, so
+  ``autocast()`` is a no-op here.
+- ``cpu_offload``: ``CPUOffloadPolicy`` keeps the sharded parameters, gradients and optimizer state on the CPU.
+- ``reshard_after_forward``: free the gathered block parameters after the forward (ZeRO-3 memory) or keep them until
+  the backward (ZeRO-2 memory, one all-gather less per block).
+
+Checkpoints go through ``torch.distributed.checkpoint`` (DCP): ``<ckpt>/model/`` holds the weights under the plain
+model's state-dict keys, ``<ckpt>/optim/`` the optimizer state keyed by parameter name. Both reshard on load, so a run
+resumes at any world size, and ``igpt.checkpoint.read_model_state`` reads the weights in one process without a
+process group (generate, export, ``init_from``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, init_device_mesh
+
+from igpt.config import OptimConfig, StrategyConfig
+from igpt.parallel.base import Strategy, build_adamw
+
+log = logging.getLogger("igpt")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str | None, key: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"config key {key!r} is {name!r}; expected one of {', '.join(DTYPES)} (or null)")
+    return DTYPES[name]
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A one-rank process group for sharded strategies started without torchrun (``python igpt/train.py``).
+
+    FSDP2 and DeepSpeed need a process group even for one rank; an in-memory store needs no free port.
+    """
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+    sharded = True
+
+    def __init__(self, cfg: StrategyConfig, precision: str, device: torch.device) -> None:
+        super().__init__(cfg, precision, device)
+        init_single_process_group(device)
+        param_name = cfg.param_dtype if cfg.param_dtype is not None else ("bf16" if precision == "bf16" else None)
+        self.param_dtype = _dtype(param_name, "strategy.param_dtype")
+        self.reduce_dtype = _dtype(cfg.reduce_dtype, "strategy.reduce_dtype")
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = self.prepare_model(model.to(self.device))
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kwargs: dict = {
+            "mesh": mesh,
+            "mp_policy": MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype),
+        }
+        if self.cfg.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        n = len(model.layers)
+        for i, block in enumerate(model.layers):
+            # the last block's parameters would be gathered again at once by the backward: keep them (torchtitan)
+            fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward and i < n - 1, **kwargs)
+        fully_shard(model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
+        self.model, self.optimizer = model, build_adamw(model, optim_cfg)
+        log.info(
+            "fsdp: %d blocks + root sharded over %d ranks (param_dtype=%s, reduce_dtype=%s, cpu_offload=%s, "
+            "reshard_after_forward=%s)", n, self.world_size, self.param_dtype, self.reduce_dtype,
+            self.cfg.cpu_offload, self.cfg.reshard_after_forward,
+        )
+        return self.model, self.optimizer
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A no-op: the MixedPrecisionPolicy casts parameters for compute (autocast would fight it)."""
+        return contextlib.nullcontext()
+
+    # ---- step --------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self, last_micro: bool) -> Iterator[None]:
+        """Accumulate unsharded gradients locally; reduce-scatter only in the last micro-batch's backward."""
+        assert self.model is not None
+        self.model.set_requires_gradient_sync(last_micro)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def clip_and_step(self, max_norm: float, skip: bool = False) -> float:
+        assert self.model is not None and self.optimizer is not None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if isinstance(norm, DTensor):  # the norm of sharded gradients is a replicated DTensor
+            norm = norm.full_tensor()
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU on rank 0 (empty elsewhere). Collective: every rank must call it."""
+        assert self.model is not None
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=opts)
+
+    def save(self, ckpt_dir: str) -> list[str]:
+        """Every rank writes its shards: ``model/`` (plain model keys) and ``optim/`` (keyed by parameter name)."""
+        assert self.model is not None and self.optimizer is not None
+        dcp.save(get_model_state_dict(self.model), checkpoint_id=os.path.join(ckpt_dir, "model"))
+        osd = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.save({"optim": osd}, checkpoint_id=os.path.join(ckpt_dir, "optim"))
+        return ["model", "optim"]
+
+    def load(self, ckpt_dir: str) -> None:
+        """Restore weights and optimizer state written by ``save`` at any world size (DCP reshards on load)."""
+        assert self.model is not None and self.optimizer is not None
+        model_dir, optim_dir = os.path.join(ckpt_dir, "model"), os.path.join(ckpt_dir, "optim")
+        if not os.path.isdir(model_dir) or not os.path.isdir(optim_dir):
+            raise FileNotFoundError(
+                f"{ckpt_dir}: strategy=fsdp resumes from its own sharded checkpoints (model/ and optim/ written by "
+                "torch.distributed.checkpoint); this one was written by another strategy. Resume under that "
+                f"strategy, or start a new run from its weights with init_from={ckpt_dir}"
+            )
+        msd = get_model_state_dict(self.model)
+        dcp.load(msd, checkpoint_id=model_dir)
+        set_model_state_dict(self.model, msd)
+        osd = {"optim": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.load(osd, checkpoint_id=optim_dir)
+        set_optimizer_state_dict(self.model, self.optimizer, osd["optim"])

@@ -1,0 +1,199 @@
+"""DeepSpeed ZeRO stages 1-3 (``strategy=zero1|zero2|zero3``) through ``deepspeed.initialize``.
+
+ZeRO (Rajbhandari et al. 2020) partitions the optimizer state (stage 1), also the gradients (stage 2) and also the
+parameters (stage 3) over the data-parallel ranks. The DeepSpeed config is generated here from ``StrategyConfig`` and
+``precision`` (``deepspeed_config``), never kept as a second hand-written JSON that could drift.
+
+How the trainer's contract maps onto the engine:
+
+- optimizer: igpt's own torch ``AdamW`` (``base.build_adamw``: decay on matrices only) is handed to DeepSpeed as the
+  client optimizer, so the update is the same math as every other strategy's; ZeRO wraps it.
+- accumulation: DeepSpeed's ``gradient_accumulation_steps`` is 1 (so ``engine.backward`` never rescales the loss,
+  which the trainer has already normalised by the global token count) and the accumulation boundary is set per
+  micro-batch from ``no_sync(last_micro)`` with ``engine.set_gradient_accumulation_boundary``: ZeRO-1 all-reduces
+  only on the last micro-batch, ZeRO-2/3 reduce-scatter into their gradient partitions every micro-batch.
+- clipping: DeepSpeed clips with the trainer's ``grad_clip`` (set on the engine before each step, the same
+  ``max_norm / (norm + 1e-6)`` factor as ``torch.nn.utils.clip_grad_norm_``) and reports the pre-clip norm.
+- non-finite gradients: ZeRO's step detects them (inf/NaN norm) and skips the update, which is what the trainer asks
+  for with ``skip=True`` (it does so only when the loss, hence every gradient, is non-finite).
+- bf16: DeepSpeed's bf16 mode (bf16 weights for compute, fp32 master weights and optimizer state), so ``autocast()``
+  is a no-op here.
+- ZeRO-3 gathers a parameter when its owning module runs; the model's fused loss reads ``lm_head.weight`` directly,
+  so that weight is registered as an external parameter of the root module.
+
+Checkpoints: ``model.safetensors`` holds the consolidated fp32 (master) weights, gathered on rank 0, so
+``igpt.checkpoint.read_model_state`` loads any ZeRO checkpoint in one process (generate, export, ``init_from``);
+``deepspeed/`` is DeepSpeed's own ``save_checkpoint`` (per-rank optimizer partitions) for exact resume, which needs the
+same stage and world size (DeepSpeed's partitions are per rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from igpt.config import OptimConfig, StrategyConfig
+from igpt.parallel.base import Strategy, build_adamw
+from igpt.parallel.fsdp import init_single_process_group
+
+log = logging.getLogger("igpt")
+
+DS_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside an igpt checkpoint directory
+DS_TAG = "state"
+_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+def deepspeed_config(cfg: StrategyConfig, precision: str, world_size: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``strategy=zero<stage>`` (the only place it is made).
+
+    Batch sizes are bookkeeping only: the trainer owns micro-batching, accumulation and loss normalisation.
+    """
+    stage = int(cfg.name.removeprefix("zero"))
+    if cfg.offload_params and stage != 3:
+        raise ValueError(f"strategy.offload_params=true needs strategy=zero3 (ZeRO-{stage} keeps full parameters)")
+    zero: dict[str, Any] = {"stage": stage}
+    pin = device.type == "cuda"
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": 0.0,  # set from trainer.grad_clip before every step (clip_and_step)
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "zero_allow_untested_optimizer": True,  # igpt's torch AdamW as the client optimizer
+        "zero_force_ds_cpu_optimizer": False,  # ... also with optimizer offload (same math as the other strategies)
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class ZeroStrategy(Strategy):
+    name = "zero"
+
+    def __init__(self, cfg: StrategyConfig, precision: str, device: torch.device) -> None:
+        super().__init__(cfg, precision, device)
+        self.name = cfg.name
+        self.stage = int(cfg.name.removeprefix("zero"))
+        self.sharded = self.stage == 3
+        init_single_process_group(device)
+        self.engine = None
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        model = self.prepare_model(model.to(self.device))
+        if self.stage == 3 and hasattr(model, "lm_head"):
+            # the fused loss reads lm_head.weight outside lm_head.forward: gather it for the root's forward/backward
+            deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
+        config = deepspeed_config(self.cfg, self.precision, self.world_size, self.device)
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))  # DeepSpeed asserts it; unset without torchrun
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_adamw(model, optim_cfg), config=config, dist_init_required=False
+        )
+        self.engine, self.model, self.optimizer = engine, engine, optimizer
+        log.info("%s: DeepSpeed ZeRO-%d over %d ranks, config %s", self.name, self.stage, self.world_size, config)
+        return self.model, self.optimizer
+
+    @property
+    def module(self) -> nn.Module:
+        assert self.engine is not None
+        return self.engine.module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A no-op: DeepSpeed's bf16 mode already computes in bf16 with fp32 master weights."""
+        return contextlib.nullcontext()
+
+    # ---- step --------------------------------------------------------------------------------------------------
+    def no_sync(self, last_micro: bool) -> contextlib.AbstractContextManager:
+        assert self.engine is not None
+        self.engine.set_gradient_accumulation_boundary(last_micro)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        assert self.engine is not None
+        self.engine.backward(loss)  # gradient_accumulation_steps=1: the loss is used as given
+
+    def clip_and_step(self, max_norm: float, skip: bool = False) -> float:
+        engine = self.engine
+        assert engine is not None
+        engine._config.gradient_clipping = max_norm
+        engine.optimizer.clip_grad = max_norm  # the ZeRO optimizers read their copy of gradient_clipping
+        engine.set_gradient_accumulation_boundary(True)
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        applied = engine.was_step_applied()
+        if skip and applied:
+            log.error("%s: the update was asked to be skipped but DeepSpeed applied it (finite gradients)", self.name)
+        return float("nan") if norm is None else float(norm)
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 (master) weights on CPU on rank 0 (empty elsewhere). Collective: every rank must call it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            key = name.replace(_WRAPPER_PREFIX, "")
+            if id(p) in seen:  # tied weights: one gather, every key of the plain model's state dict
+                if self.rank == 0:
+                    out[key] = out[seen[id(p)]]
+                continue
+            seen[id(p)] = key
+            full = safe_get_full_fp32_param(p)  # gathers the ZeRO partitions (collective for ZeRO-3)
+            if full is None:
+                raise RuntimeError(f"{self.name}: parameter {name} has no DeepSpeed fp32 master copy")
+            if self.rank == 0:
+                out[key] = full.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def save(self, ckpt_dir: str) -> list[str]:
+        """``model.safetensors`` (consolidated fp32, rank 0) and DeepSpeed's own checkpoint in ``deepspeed/``."""
+        from safetensors.torch import save_file
+
+        from igpt.checkpoint import savable_state
+
+        assert self.engine is not None
+        state = self.model_state_dict()
+        if self.rank == 0:
+            state = savable_state(self.module, state)
+            save_file(state, os.path.join(ckpt_dir, "model.safetensors"), metadata={"format": "pt"})
+        self.engine.save_checkpoint(os.path.join(ckpt_dir, DS_DIR), tag=DS_TAG, save_latest=False)
+        return ["model.safetensors", DS_DIR]
+
+    def load(self, ckpt_dir: str) -> None:
+        """Resume from a checkpoint this strategy wrote at this world size (a clear error otherwise)."""
+        from igpt.checkpoint import read_meta
+
+        assert self.engine is not None
+        meta = read_meta(ckpt_dir)
+        ds_dir = os.path.join(ckpt_dir, DS_DIR)
+        if meta.get("strategy") != self.name or not os.path.isdir(ds_dir):
+            raise FileNotFoundError(
+                f"{ckpt_dir}: written by strategy={meta.get('strategy')}, so it has no DeepSpeed ZeRO-{self.stage} "
+                f"state ({ds_dir}) to resume strategy={self.name} from. Resume under strategy={meta.get('strategy')}, "
+                f"or start a new run from its weights with init_from={ckpt_dir}"
+            )
+        if meta.get("world_size") != self.world_size:
+            raise ValueError(
+                f"{ckpt_dir}: written by {meta.get('world_size')} ranks, resumed on {self.world_size}; DeepSpeed's "
+                "ZeRO optimizer partitions are per rank, so an exact resume needs the same world size (use "
+                f"strategy=fsdp to change world size mid-run, or start a new run with init_from={ckpt_dir})"
+            )
+        path, _ = self.engine.load_checkpoint(
+            ds_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"{ds_dir}: DeepSpeed found no checkpoint with tag {DS_TAG!r}")

@@ -11,8 +11,8 @@ STAMP  := $(VENV)/.installed
 DEMO      ?= runs/demo
 DEMO_DATA ?= data/demo
 # Demo sizes, tuned to finish on a 2-core CPU: override on the command line, e.g. `make demo PRETRAIN_STEPS=2000`.
-PRETRAIN_STEPS ?= 600
-SFT_STEPS      ?= 150
+PRETRAIN_STEPS ?= 450
+SFT_STEPS      ?= 60
 
 .PHONY: install test test-all lint demo demo-data demo-pretrain demo-sft demo-generate clean
 
@@ -52,13 +52,13 @@ demo-data: $(DEMO_DATA)/text/index.json $(DEMO_DATA)/sft/index.json
 
 demo-pretrain: demo-data
 	$(PY) igpt/train.py +stage=pretrain model=tiny data.dir=$(DEMO_DATA)/text run_dir=$(DEMO)/pretrain \
-		trainer.max_steps=$(PRETRAIN_STEPS) trainer.global_batch_size=32 trainer.micro_batch_size=16 \
-		trainer.seq_len=256 trainer.eval_every=200 trainer.ckpt_every=200 optim.lr=2e-3 optim.warmup_steps=30
+		trainer.max_steps=$(PRETRAIN_STEPS) trainer.global_batch_size=16 trainer.micro_batch_size=16 \
+		trainer.seq_len=256 trainer.eval_every=75 trainer.ckpt_every=150 optim.lr=3e-3 optim.warmup_steps=20
 
 demo-sft: demo-pretrain
 	$(PY) igpt/train.py +stage=sft model=tiny data.dir=$(DEMO_DATA)/sft run_dir=$(DEMO)/sft \
 		init_from=$(DEMO)/pretrain trainer.max_steps=$(SFT_STEPS) trainer.global_batch_size=16 \
-		trainer.micro_batch_size=16 trainer.seq_len=256 trainer.eval_every=50 trainer.ckpt_every=50 \
+		trainer.micro_batch_size=16 trainer.seq_len=256 trainer.eval_every=30 trainer.ckpt_every=30 \
 		optim.lr=5e-4 optim.warmup_steps=10 "trainer.sample_prompts=[Hello,What is your name?]"
 
 demo-generate: demo-sft

@@ -80,16 +80,26 @@ class _StopFlag:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
-        from igpt.data.loader import ShardLoader
-        from igpt.data.tokenizer import load_tokenizer, token_bytes
         from igpt.parallel import build_strategy
-        from igpt.stages import build_stage
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.strategy = build_strategy(cfg.strategy, cfg.precision, self.device)
+        try:
+            self._setup(cfg)
+        except BaseException:
+            # Do not leave the process group open; no barrier: the other ranks may be anywhere.
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            raise
+
+    def _setup(self, cfg: Config) -> None:
+        from igpt.data.loader import ShardLoader
+        from igpt.data.tokenizer import load_tokenizer, token_bytes
+        from igpt.stages import build_stage
+
         self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir

@@ -168,3 +168,76 @@ def test_wandb_offline_read_back(prepared_text_dir, tmp_path):
 def test_compose_defaults():
     cfg = compose_config(["+stage=sft", "data.dir=/d"])
     assert cfg.stage.kind == "sft" and cfg.strategy.name == "single" and cfg.model.name == "tiny"
+
+
+def test_sft_loss_ignores_prompt_tokens(prepared_sft_dir):
+    """SFT labels cover exactly the assistant tokens; what stands at prompt positions never reaches loss or grads."""
+    from igpt.config import ModelConfig, StageConfig
+    from igpt.data.loader import ShardLoader
+    from igpt.model import Transformer
+    from igpt.stages import build_stage
+
+    loader = ShardLoader(prepared_sft_dir, "train", seq_len=64, global_batch_size=8, num_partitions=2, seed=0)
+    batch = next(iter(loader))
+    ids, labels = batch["input_ids"], batch["labels"]
+    # the loss positions are exactly the assistant spans: every target there is assistant content or <|im_end|>,
+    # and no target is a role header, a user/system token or padding
+    assert (labels != -100).any() and (labels == -100).any()
+    im_end, user, assistant = 3, 5, 6
+    targets = labels[labels != -100]
+    assert not torch.isin(targets, torch.tensor([0, 1, 2, user, assistant])).any()
+    assert (targets == im_end).sum() > 0
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=384, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                    max_seq_len=64))
+    stage = build_stage(StageConfig(name="sft", kind="sft"))
+
+    def loss_and_grads(labels_: torch.Tensor):
+        model.zero_grad()
+        out = stage(model, {**batch, "labels": labels_})
+        (out.loss_sum / out.tokens).backward()
+        return out.loss_sum.item(), [p.grad.clone() for p in model.parameters()]
+
+    loss_a, grads_a = loss_and_grads(labels)
+    # reference: cross-entropy of the full logits over exactly the assistant positions
+    with torch.no_grad():
+        logits = model(ids, position_ids=batch["position_ids"])
+    keep = labels != -100
+    ref = torch.nn.functional.cross_entropy(logits[keep].double(), labels[keep], reduction="sum")
+    assert loss_a == pytest.approx(ref.item(), rel=1e-5)
+    # prompt positions filled with targets (the real next tokens or random ids, as an unmasked pipeline would have
+    # them) would change the loss: the -100s are what keeps the prompt out
+    prompt = labels == -100
+    for filler in (torch.roll(ids, -1, dims=1), torch.randint(0, 384, ids.shape)):
+        assert loss_and_grads(torch.where(prompt, filler, labels))[0] != loss_a
+    # the comparisons above are meaningful: the same labels give bit-identical loss and gradients
+    loss_b, grads_b = loss_and_grads(labels.clone())
+    assert loss_b == loss_a and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    # and a change at an assistant position does change the loss
+    changed = labels.clone()
+    pos = (labels != -100).nonzero()[0]
+    changed[pos[0], pos[1]] = (labels[pos[0], pos[1]] + 1) % 384
+    assert loss_and_grads(changed)[0] != loss_a
+
+
+def test_sft_from_pretrained_checkpoint(prepared_text_dir, prepared_sft_dir, tmp_path):
+    """init_from loads the pretrained weights; SFT then trains on the chat data and its checkpoint says stage sft."""
+    pre = str(tmp_path / "pre")
+    train(base(prepared_text_dir, pre, "trainer.max_steps=4"))
+    sft = str(tmp_path / "sft")
+    overrides = [o.replace("+stage=pretrain", "+stage=sft").replace(prepared_text_dir, prepared_sft_dir)
+                 for o in base(prepared_text_dir, sft, "trainer.max_steps=3", f"init_from={pre}",
+                               "data.num_partitions=2")]
+    trainer = make_trainer(overrides)
+    from igpt.checkpoint import read_model_state, resolve
+
+    pre_state = read_model_state(resolve(pre))
+    for k, v in trainer.strategy.module.state_dict().items():
+        assert torch.equal(v, pre_state[k]), k
+    trainer.fit()
+    trainer.close()
+    meta = json.load(open(os.path.join(sft, "checkpoints", "step_0000003", "meta.json")))
+    assert meta["stage"] == "sft"
+    with pytest.raises(ValueError, match="model.dim"):
+        make_trainer([*overrides[:-1], "model.dim=96", "model.n_heads=4", f"run_dir={tmp_path / 'bad'}"])

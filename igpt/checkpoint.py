@@ -2,7 +2,8 @@
 
 Layout (docs/internals.md)::
 
-    <run_dir>/checkpoints/step_0000100/{meta.json, tokenizer.json, model.safetensors | model/, optimizer.pt, train_state.pt}
+    <run_dir>/checkpoints/step_0000100/{meta.json, tokenizer.json, model.safetensors | model/, optimizer.pt,
+                                        train_state.pt}
     <run_dir>/checkpoints/latest        names the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step_XXXXXXX`` and renamed only when every rank has finished writing, and

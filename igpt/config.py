@@ -8,7 +8,7 @@ past that check, so ``validate`` re-checks the composed config against the schem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -49,7 +49,7 @@ class StrategyConfig:
     name: str = "single"  # single | ddp | fsdp | zero1 | zero2 | zero3
     # FSDP2
     reshard_after_forward: bool = True
-    param_dtype: Optional[str] = None  # mixed-precision policy: None follows `precision`
+    param_dtype: str | None = None  # mixed-precision policy: None follows `precision`
     reduce_dtype: str = "fp32"
     cpu_offload: bool = False
     # DeepSpeed ZeRO
@@ -114,8 +114,8 @@ class KernelsConfig:
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "igpt"
-    entity: Optional[str] = None
-    name: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -136,7 +136,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run_dir: str = "runs/default"
-    init_from: Optional[str] = None  # a checkpoint dir (or run dir) whose weights start this run
+    init_from: str | None = None  # a checkpoint dir (or run dir) whose weights start this run
     resume: str = "auto"  # auto | never
     precision: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda

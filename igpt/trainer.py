@@ -18,8 +18,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -127,7 +128,8 @@ class Trainer:
             self.index = json.load(f)
         if self.index["kind"] != cfg.stage.kind:
             raise ValueError(
-                f"stage {cfg.stage.name} reads kind={cfg.stage.kind} data but {index_path} holds kind={self.index['kind']}"
+                f"stage {cfg.stage.name} reads kind={cfg.stage.kind} data, "
+                f"but {index_path} holds kind={self.index['kind']}"
             )
         self.tokenizer_path = os.path.join(cfg.data.dir, "tokenizer.json")
         self.tokenizer = load_tokenizer(self.tokenizer_path)

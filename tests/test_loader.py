@@ -68,9 +68,15 @@ def take(loader, n):
     return out
 
 
-def global_batches(root, W, K, n, **kw):
-    """The first n global batches of a W-rank run with K workers per rank (rank batches concatenated in order)."""
-    per_rank = [take(make(root, rank=r, world_size=W, num_workers=K, **kw), n) for r in range(W)]
+def global_batches(root, W, K, n, state=None, **kw):
+    """The first n global batches of a W-rank run with K workers per rank (rank batches concatenated in order),
+    each rank first resuming from the merged ``state`` when one is given."""
+    per_rank = []
+    for r in range(W):
+        loader = make(root, rank=r, world_size=W, num_workers=K, **kw)
+        if state is not None:
+            loader.load_state_dict(state)
+        per_rank.append(take(loader, n))
     return [{k: torch.cat([rb[i][k] for rb in per_rank]) for k in per_rank[0][i]} for i in range(n)]
 
 
@@ -285,13 +291,7 @@ def test_resume_exact_at_any_point_and_world_size(text_data):
     # a W=1 state resumed at W=2 x K=2, and at W=4 x K=2
     k = min(ends)
     for W, K in [(2, 2), (4, 2)]:
-        parts = []
-        for r in range(W):
-            resumed = make(root, rank=r, world_size=W, num_workers=K)
-            resumed.load_state_dict(states[k])
-            parts.append(take(resumed, 4))
-        got = [{key: torch.cat([pr[i][key] for pr in parts]) for key in parts[0][i]} for i in range(4)]
-        assert_same(got, batches[k + 1 : k + 5])
+        assert_same(global_batches(root, W, K, 4, state=states[k]), batches[k + 1 : k + 5])
 
 
 def test_state_of_workers_and_ranks_merges_and_resumes(text_data):
@@ -425,13 +425,7 @@ def test_resume_exact_for_conversations_and_pairs(sft_data, pref_data, kind, pac
     assert loader.epoch >= 1
     for k in (0, 4, 9):
         for W in (1, 2):
-            parts = []
-            for r in range(W):
-                resumed = make(root, pack=pack, rank=r, world_size=W)
-                resumed.load_state_dict(states[k])
-                parts.append(take(resumed, 4))
-            got = [{key: torch.cat([pr[i][key] for pr in parts]) for key in parts[0][i]} for i in range(4)]
-            assert_same(got, batches[k + 1 : k + 5])
+            assert_same(global_batches(root, W, 0, 4, state=states[k], pack=pack), batches[k + 1 : k + 5])
     # an evaluation pass resumed in the middle yields exactly the rest of the pass
     full = make(root, pack=pack, loop=False)
     everything, mid = [], None

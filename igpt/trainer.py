@@ -104,6 +104,7 @@ class Trainer:
         self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
+        self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))  # the resolved config, for every sink
         tcfg = cfg.trainer
 
         # ---- batch arithmetic: global = micro x accumulation x world --------------------------------------------
@@ -156,7 +157,7 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+                f.write(OmegaConf.to_yaml(self.config_dict))
             stale = os.path.join(self.run_dir, "preempted")
             if os.path.exists(stale):
                 os.remove(stale)
@@ -172,7 +173,8 @@ class Trainer:
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
         model = Transformer(cfg.model, attention=attn, loss=loss)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
-        resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" else None
+        # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
+        resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" and self.is_main else None
         resume_from = self.strategy.broadcast_object(resume_from)
         if resume_from is None and cfg.init_from:
             self._init_from(model, cfg.init_from)
@@ -180,9 +182,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
 
-        self.metrics = MetricsLogger(
-            self.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), cfg.logger.wandb, enabled=self.is_main
-        )
+        self.metrics = MetricsLogger(self.run_dir, self.config_dict, cfg.logger.wandb, enabled=self.is_main)
         from igpt.model.flops import flops_per_token
 
         self.flops_per_token = flops_per_token(cfg.model, tcfg.seq_len)
@@ -238,7 +238,7 @@ class Trainer:
         self.strategy.set_lr(lr)
         finite = math.isfinite(loss)
         grad_norm = self.strategy.clip_and_step(self.cfg.trainer.grad_clip, skip=not finite)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "loss_tokens": global_tokens}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -307,7 +307,7 @@ class Trainer:
         meta = {
             "stage": self.cfg.stage.name, "model": asdict(self.cfg.model), "strategy": self.cfg.strategy.name,
             "world_size": self.world_size, "tokenizer": "tokenizer.json", "precision": self.cfg.precision,
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "config": self.config_dict,
         }
         path = checkpoint.save(
             self.run_dir, self.step, self.strategy, train_state, meta, self.tokenizer_path, self.cfg.trainer.keep_last

@@ -45,8 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_embedding = "embed" in name or "tok_embeddings" in name or "wte" in name
-        (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,4 +1,4 @@
-"""Training stages: each turns a batch into a summed loss, a token count and extra metrics.
+"""Training stages: each turns a batch into a summed loss and its token count.
 
 One file per stage (pretrain, sft; rm, dpo and ppo follow the same interface). The trainer normalises the summed
 loss by the number of loss tokens in the *global* batch, so every token weighs the same whatever the world size or

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,7 +12,6 @@ from torch import nn
 class StageOutput:
     loss_sum: torch.Tensor  # fp32 scalar: the loss summed over this micro-batch's loss tokens
     tokens: torch.Tensor  # int64 scalar: the number of loss tokens
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # extra metrics, summed like the loss
 
 
 class Stage:

@@ -3,8 +3,12 @@
 Layout (docs/internals.md)::
 
     <run_dir>/checkpoints/step_0000100/{meta.json, tokenizer.json, model.safetensors | model/, optimizer.pt,
-                                        train_state.pt}
+                                        train_state.pt, <role>/...}
     <run_dir>/checkpoints/latest        names the newest complete checkpoint
+
+The stage's first trainable model (the policy, or the reward model) is written at the top of the checkpoint, so every
+tool that reads "the model" of a checkpoint finds it there; any further trainable model (PPO's critic) is written the
+same way into a folder named after its role. ``meta.json`` lists them under ``"models"``.
 
 A checkpoint is written into ``.tmp-step_XXXXXXX`` and renamed only when every rank has finished writing, and
 ``latest`` is replaced (write + ``os.replace``) only after the rename, so a run killed mid-write leaves the previous
@@ -121,8 +125,19 @@ def read_meta(ckpt_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def model_dir(ckpt_dir: str, role: str | None = None) -> str:
+    """The folder holding the weights of ``role`` (None: the checkpoint's main model) in a checkpoint."""
+    if role is None:
+        return ckpt_dir
+    meta = read_meta(ckpt_dir)
+    roles = meta.get("models", {})
+    if role not in roles:
+        raise ValueError(f"{ckpt_dir}: no model with role {role!r} (it holds {sorted(roles) or ['the main model']})")
+    return os.path.normpath(os.path.join(ckpt_dir, roles[role]["dir"]))
+
+
 def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
-    """Full model weights from a checkpoint of any strategy: ``model.safetensors`` or sharded DCP ``model/``."""
+    """Full model weights from a folder of any strategy: ``model.safetensors`` or sharded DCP ``model/``."""
     st = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.exists(st):
         from safetensors.torch import load_file
@@ -146,23 +161,72 @@ def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or model/ (DCP) weights")
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
-    """Load full weights into a plain ``Transformer``; a tied checkpoint may store the shared matrix once."""
-    tied = model.cfg.tie_embeddings
+def load_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False, strict: bool = True
+) -> list[str]:
+    """Load full weights into a plain ``Transformer``; a tied checkpoint may store the shared matrix once.
+
+    With ``strict=False`` the output head may differ (an LM checkpoint into a reward model: ``lm_head`` is dropped and
+    ``score`` keeps its initialisation); every other weight must match. Returns the model's keys left as they were.
+    """
+    tied = model.tied
     if tied:
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
+    heads = {"lm_head.weight", "score.weight"}
+    if not strict:
+        state = {k: v for k, v in state.items() if k in expected}
+        bad = [k for k in missing if k not in heads]
+        unexpected = [k for k in unexpected if k not in heads]
+        if bad or unexpected:
+            raise ValueError(f"{source}: weights do not match the model: missing {bad}, unexpected {unexpected}")
+    elif missing or unexpected:
         raise ValueError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
-    model.load_state_dict(state, assign=assign)
+    model.load_state_dict(state, assign=assign, strict=strict)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
+    return missing
+
+
+def model_head(meta: dict[str, Any], role: str | None = None) -> str:
+    """The head (``"lm"`` or ``"scalar"``) of ``role`` (None: the main model) recorded in a checkpoint's meta."""
+    roles = meta.get("models") or {}
+    if role is None:
+        main = [r for r in roles.values() if r.get("dir") == "."]
+        return main[0]["head"] if main else meta.get("head", "lm")
+    return roles[role]["head"]
+
+
+def load_model(path: str, device: str | torch.device = "cpu", role: str | None = None):
+    """``(model, tokenizer, meta)`` from a checkpoint dir or a run dir (its newest complete checkpoint), whatever
+    strategy and world size wrote it; ``role`` picks a model other than the main one (e.g. ``"critic"``). The model is
+    a plain ``Transformer`` in eval mode on ``device``; a reward model gets the normalisation stored with it."""
+    from igpt.config import ModelConfig
+    from igpt.data.tokenizer import load_tokenizer
+    from igpt.model import Transformer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint={path}: no such directory")
+    ckpt = resolve(path)
+    meta = read_meta(ckpt)
+    if "model" not in meta:
+        raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: no 'model' entry (the ModelConfig the weights belong to)")
+    cfg = ModelConfig(**meta["model"])
+    head = model_head(meta, role)
+    with torch.device("meta"):
+        model = Transformer(cfg, head=head)
+    folder = model_dir(ckpt, role)
+    load_weights(model, read_model_state(folder), folder, assign=True)
+    if head == "scalar" and role is None:
+        model.value_offset = -float(meta.get("reward_norm", {}).get("mean", 0.0))
+    model.to(device).eval()
+    return model, load_tokenizer(os.path.join(ckpt, meta.get("tokenizer", "tokenizer.json"))), meta
 
 
 def savable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the alias of a tied output matrix (safetensors refuses aliased tensors; ``load_weights`` restores it)."""
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+    if getattr(model, "tied", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     return {k: v.contiguous() for k, v in state.items()}
 
@@ -171,22 +235,31 @@ def save(
     run_dir: str,
     step: int,
     strategy,
+    models: dict[str, Any],
     train_state: dict[str, Any],
     meta: dict[str, Any],
     tokenizer_path: str | None,
     keep_last: int = 0,
 ) -> str:
-    """Write checkpoint ``step`` atomically (all ranks call this) and return its directory."""
+    """Write checkpoint ``step`` atomically (all ranks call this) and return its directory.
+
+    ``models`` maps roles to the trainable ``igpt.parallel.Wrapped`` handles, the main model first: it is written at
+    the top of the checkpoint, every other one into ``<role>/``.
+    """
     root = os.path.join(run_dir, "checkpoints")
     name = step_dir_name(step)
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".tmp-{name}")
+    dirs = {role: "." if i == 0 else role for i, role in enumerate(models)}
     if strategy.rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+        for d in dirs.values():
+            os.makedirs(os.path.join(tmp, d), exist_ok=True)
     strategy.barrier()
-    strategy.save(tmp)
+    for role, handle in models.items():
+        handle.save(os.path.join(tmp, dirs[role]))
     if strategy.rank == 0:
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
         if tokenizer_path:
@@ -197,7 +270,8 @@ def save(
             time.sleep(pause)
     strategy.barrier()  # every rank's shards are on disk
     if strategy.rank == 0:
-        meta = {**meta, "format": FORMAT, "step": step, "files": _file_sizes(tmp), "time": time.time()}
+        roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}
+        meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": _file_sizes(tmp), "time": time.time()}
         write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
         _fsync_dir(tmp)
         if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)

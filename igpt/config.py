@@ -12,6 +12,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from igpt.data.kinds import KINDS
+from igpt.stages import STAGES
+
 
 @dataclass
 class ModelConfig:
@@ -33,13 +36,83 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    """What one training stage does with a batch. ``name`` picks igpt/stages/<name>.py."""
+    """Which training stage runs (``+stage=<name>``): igpt/stages/<name>.py."""
 
     name: str = "pretrain"
-    kind: str = "text"  # which prepared data kind the stage reads: text | sft | pref
+    kind: str | None = None  # the prepared data kind it reads: follows from the stage (igpt.stages.STAGES)
     pack: bool = True  # pack several documents/conversations into one row (with document masking)
-    # DPO / RM / PPO knobs live here so one schema serves every stage.
+
+
+@dataclass
+class RMConfig:
+    """The reward model (``+stage=rm``)."""
+
+    # After training, the reward is shifted so that the preferred responses of the train split score 0 on average
+    # (stored in the checkpoint and applied when the model is loaded); this many train batches estimate it (0: all).
+    norm_batches: int = 0
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (``+stage=dpo``)."""
+
     beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (SLiC)
+    label_smoothing: float = 0.0  # conservative DPO: the share of labels assumed flipped (sigmoid loss)
+    nll_weight: float = 0.0  # weight of an SFT term (mean token NLL of the chosen response)
+    precompute_reference: bool = False  # reference log-probs in one pass before training; no reference in memory
+
+
+@dataclass
+class RewardConfig:
+    """Where PPO's rewards come from: a reward model and/or Python reward functions, summed with weights."""
+
+    model: str | None = None  # a reward-model run or checkpoint dir (+stage=rm)
+    functions: list[str] = field(default_factory=list)  # "module:function" reward functions (TRL's batched form)
+    weights: list[float] = field(default_factory=list)  # one per source: [reward model, functions...]; default 1.0
+    clip: float = 10.0  # the reward model's score is clipped to [-clip, clip] (0: no clipping)
+    missing_eos_penalty: float = 0.0  # subtracted from responses that end without an end-of-turn token
+
+
+@dataclass
+class RolloutConfig:
+    n: int = 4  # responses sampled per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.05  # the per-token KL penalty coefficient (the initial one when adaptive)
+    target: float | None = None  # adaptive controller (Ziegler et al. 2019) toward this KL per sequence when set
+    horizon: int = 10000
+    estimator: str = "k1"  # k1 | k2 | k3 (Schulman's estimators of KL(policy || reference))
+
+
+@dataclass
+class PPOConfig:
+    advantage: str = "gae"  # gae (with a critic) | grpo | rloo (critic-free, over rollout.n samples per prompt)
+    epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per epoch (the rollout batch split into this many minibatches)
+    clip: float = 0.2  # policy ratio clip epsilon
+    clip_high: float | None = None  # asymmetric upper clip (DAPO's clip-higher); None: = clip
+    dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages (Ye et al. 2020); None: off
+    value_clip: float = 0.2  # clip of the value prediction around its rollout value
+    vf_coef: float = 0.5  # weight of the critic's loss (it has its own optimizer; this scales its gradients)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # normalise advantages over the global batch
+    critic_lr: float | None = None  # the critic's learning rate (default: optim.lr)
+
+
+@dataclass
+class PTXConfig:
+    """PPO-ptx: the pretraining loss mixed into the policy's update (InstructGPT's formulation)."""
+
+    data_dir: str | None = None  # a prepared kind=text dir
+    coef: float = 0.0
 
 
 @dataclass
@@ -78,6 +151,7 @@ class TrainerConfig:
     seq_len: int = 256
     seed: int = 1337
     eval_every: int = 50
+    eval_at_start: bool = False  # also evaluate before the first step (logged as step 0): the starting point
     eval_batches: int = 0  # 0: the whole validation split
     ckpt_every: int = 100
     keep_last: int = 3  # checkpoints kept on disk (0: all)
@@ -135,8 +209,16 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ptx: PTXConfig = field(default_factory=PTXConfig)
     run_dir: str = "runs/default"
     init_from: str | None = None  # a checkpoint dir (or run dir) whose weights start this run
+    reference_from: str | None = None  # DPO / PPO's frozen reference (default: init_from)
     resume: str = "auto"  # auto | never
     precision: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
@@ -146,8 +228,10 @@ CHOICES = {
     "resume": ("auto", "never"),
     "precision": ("fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
-    "stage.name": ("pretrain", "sft", "rm", "dpo", "ppo"),
-    "stage.kind": ("text", "sft", "pref"),
+    "stage.name": tuple(STAGES),
+    "dpo.loss": ("sigmoid", "ipo", "hinge"),
+    "kl.estimator": ("k1", "k2", "k3"),
+    "ppo.advantage": ("gae", "grpo", "rloo"),
     "strategy.name": ("single", "ddp", "fsdp", "zero1", "zero2", "zero3"),
     "kernels.attention": ("sdpa", "triton", "flash"),
     "kernels.loss": ("torch", "triton"),
@@ -187,6 +271,13 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         value = OmegaConf.select(merged, key)
         if value not in allowed:
             raise ValueError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
+    kind = STAGES[merged.stage.name].kind
+    if merged.stage.kind not in (None, kind):
+        raise ValueError(
+            f"config key 'stage.kind' is {merged.stage.kind!r}, but stage {merged.stage.name} reads kind={kind} data "
+            f"(one of {', '.join(KINDS)}; leave stage.kind unset)"
+        )
+    merged.stage.kind = kind
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ValueError(f"config key {missing[0]!r} must be set (e.g. {missing[0]}=<value> on the command line)")

@@ -1,21 +1,4 @@
-"""Text generation with a KV cache: a Python API and the batch-generation CLI.
-
-Decoding follows the usual static-cache recipe (gpt-fast, Hugging Face ``StaticCache``): one prefill pass over the
-prompts fills a preallocated cache (``igpt/model/kv_cache.py``), then each step feeds one token per row. Prompts of
-different lengths are left-padded; padding is masked out of attention and every row gets its own RoPE positions
-(counting its real tokens only), so a prompt decodes the same in a batch as alone.
-
-Sampling: ``temperature=0`` is greedy; otherwise logits are divided by the temperature, filtered by ``top_k`` (keep the
-k largest; 0 = off) and ``top_p`` (nucleus sampling, Holtzman et al. 2019: keep the smallest set of tokens whose
-probability reaches p; 1 = off), and sampled with a ``torch.Generator`` per row seeded with ``seed + row index``, so a
-row's sample does not depend on which other prompts share its batch. A row stops at ``<|im_end|>`` or
-``<|endoftext|>``; the stop token is not part of the response.
-
-Checkpoints trained by SFT or a later stage (``meta.json`` "stage" is sft, rm, dpo or ppo) get the chat template
-(``igpt.data.chat.encode_chat`` with the generation prompt); pretraining checkpoints continue raw text after the
-``<|endoftext|>`` that starts every document.
-
-CLI (DESIGN.md)::
+"""The batch-generation CLI (the sampling itself is ``igpt.sampling``).
 
     python -m igpt.generate checkpoint=<dir> prompt="..."                      # prints one response
     python -m igpt.generate checkpoint=<dir> input=<in.jsonl> output=<out.jsonl>
@@ -23,7 +6,9 @@ CLI (DESIGN.md)::
         [system="..."] [batch_size=8]
 
 Each input line is ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}, ...]}``; it is written back with
-``"response"`` added.
+``"response"`` added. Checkpoints trained by SFT or a later stage (``meta.json`` "stage" is sft, rm, dpo or ppo) get
+the chat template (``igpt.data.chat.encode_chat`` with the generation prompt); pretraining checkpoints continue raw
+text after the ``<|endoftext|>`` that starts every document.
 """
 
 from __future__ import annotations
@@ -32,210 +17,40 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from igpt.config import ModelConfig
-from igpt.model import KVCache, Transformer
+from igpt.model import Transformer
+from igpt.sampling import (  # noqa: F401 - the public generation API, importable from here as before
+    EOT,
+    IM_END,
+    PAD,
+    STOP_TOKENS,
+    Prompt,
+    encode_prompt,
+    filter_logits,
+    generate,
+    generate_ids,
+    sample_next,
+)
+from igpt.stages import CHAT_STAGES
 
 log = logging.getLogger("igpt")
-
-EOT = "<|endoftext|>"
-IM_END = "<|im_end|>"
-PAD = "<|pad|>"
-STOP_TOKENS = (IM_END, EOT)
-CHAT_STAGES = ("sft", "rm", "dpo", "ppo")
-
-Prompt = str | list[dict[str, str]]
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[Transformer, Any, dict[str, Any]]:
-    """``(model, tokenizer, meta)`` from a checkpoint dir (``meta.json``, ``model.safetensors`` or DCP ``model/``,
-    ``tokenizer.json``) or a run dir (its newest complete checkpoint). The model is in eval mode on ``device``."""
-    from igpt.checkpoint import load_weights, read_meta, read_model_state, resolve
-    from igpt.data.tokenizer import load_tokenizer
+    """``(model, tokenizer, meta)`` from a checkpoint dir or a run dir (``igpt.checkpoint.load_model``)."""
+    from igpt.checkpoint import load_model
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint={path}: no such directory")
-    ckpt = resolve(path)
-    meta = read_meta(ckpt)
-    if "model" not in meta:
-        raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: no 'model' entry (the ModelConfig the weights belong to)")
-    cfg = ModelConfig(**meta["model"])
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    load_weights(model, read_model_state(ckpt), ckpt, assign=True)
-    model.to(device).eval()
-    return model, load_tokenizer(os.path.join(ckpt, meta.get("tokenizer", "tokenizer.json"))), meta
+    return load_model(path, device)
 
 
 def is_chat_checkpoint(meta: dict[str, Any]) -> bool:
     """True when the checkpoint was trained with the chat template (SFT or a later stage)."""
     return meta.get("stage") in CHAT_STAGES
-
-
-# ----------------------------------------------------------------------------------------------------------- sampling
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set logits ``(B, V)`` outside the top-k / nucleus (top-p) set to -inf; the most likely token always stays."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # probability mass of the tokens ranked above each one
-        drop_sorted = before >= top_p  # the first token has before = 0, so it always stays
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generators: Sequence[torch.Generator],
-) -> torch.Tensor:
-    """Next token per row ``(B,)`` from logits ``(B, V)``: argmax when ``temperature == 0``, else sampled."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-
-
-@torch.no_grad()
-def generate_ids(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stop_ids: Sequence[int] = (),
-    pad_id: int = 0,
-    stream: Callable[[int, int], None] | None = None,
-    return_logits: bool = False,
-) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
-    """Generate up to ``max_new_tokens`` after each prompt (lists of token ids); return the new ids per row, without
-    the stop token. ``stream(row, token_id)`` is called for every new token as it is chosen (stop tokens excluded).
-
-    Prompts longer than the model's ``max_seq_len - 1`` keep their last tokens (with a warning), and generation stops
-    when the cache reaches ``max_seq_len``. ``return_logits`` also returns the logits ``(steps, V)`` each row was
-    decoded from (for tests).
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate_ids needs at least one prompt, and every prompt needs at least one token")
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    limit = cfg.max_seq_len - 1
-    if any(len(p) > limit for p in prompts):
-        log.warning("prompt longer than max_seq_len - 1 = %d tokens: keeping its last %d tokens", limit, limit)
-        prompts = [list(p)[-limit:] for p in prompts]
-    b, t = len(prompts), max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - t)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    real = torch.zeros(b, t, dtype=torch.bool)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends at column t - 1
-        ids[i, t - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        real[i, t - len(p) :] = True
-    ids, real = ids.to(device), real.to(device)
-    positions = (torch.cumsum(real, dim=-1) - 1).clamp(min=0)  # (B, T) per-row RoPE positions of the real tokens
-    lengths = real.sum(dim=-1)  # (B,) next position of each row
-
-    generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(b)]
-    stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    was_training = model.training
-    model.eval()
-    out: list[list[int]] = [[] for _ in range(b)]
-    step_logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    try:
-        cache = KVCache.for_model(model, b, t + max_new_tokens)
-        logits = model(ids, position_ids=positions, kv_cache=cache, attention_mask=real, logits_to_keep=1)[:, -1]
-        for step in range(max_new_tokens):
-            logits = logits.float()  # (B, V)
-            nxt = sample_next(logits, temperature, top_k, top_p, generators)  # (B,)
-            is_stop = torch.isin(nxt, stop)
-            for i, (tok, st, finished) in enumerate(zip(nxt.tolist(), is_stop.tolist(), done.tolist())):
-                if finished:
-                    continue
-                if return_logits:
-                    step_logits[i].append(logits[i].cpu())
-                if not st:
-                    out[i].append(tok)
-                    if stream is not None:
-                        stream(i, tok)
-            done |= is_stop
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            pos = lengths[:, None].clone()  # (B, 1)
-            lengths += 1
-            logits = model(nxt[:, None], position_ids=pos, kv_cache=cache)[:, -1]  # (B, V)
-    finally:
-        model.train(was_training)
-    if return_logits:
-        return out, [torch.stack(s) if s else torch.empty(0, cfg.vocab_size) for s in step_logits]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------- text API
-def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of one prompt. A message list always gets the chat template (with the generation prompt); a string
-    gets it when ``chat`` (as one user turn after the optional ``system`` turn), else it is raw text after
-    ``<|endoftext|>``."""
-    from igpt.data.chat import encode_chat, encode_document
-
-    if isinstance(prompt, str) and not chat:
-        return encode_document(tokenizer, prompt)  # what pretraining saw: <|endoftext|> then the text
-
-    if isinstance(prompt, str):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    else:
-        messages = list(prompt)
-    ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
-    return [int(i) for i in ids]
-
-
-def generate(
-    model: Transformer,
-    tokenizer: Any,
-    prompts: Sequence[Prompt],
-    max_new_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    seed: int = 0,
-    chat: bool = False,
-    system: str | None = None,
-    batch_size: int = 8,
-) -> list[str]:
-    """Responses (decoded text, special tokens dropped) to ``prompts``: strings, or message lists for the chat
-    template. ``chat=True`` wraps string prompts in the chat template too (use it for SFT and later checkpoints).
-    Prompts run ``batch_size`` at a time; row ``i`` samples with seed ``seed + i`` whatever the batching."""
-    encoded = [encode_prompt(tokenizer, p, chat, system) for p in prompts]
-    stop_ids = [tid for tid in (tokenizer.token_to_id(s) for s in STOP_TOKENS) if tid is not None]
-    pad_id = tokenizer.token_to_id(PAD) or 0
-    responses: list[str] = []
-    for start in range(0, len(encoded), batch_size):
-        out = generate_ids(
-            model,
-            encoded[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed + start,
-            stop_ids=stop_ids,
-            pad_id=pad_id,
-        )
-        responses += [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
-    return responses
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

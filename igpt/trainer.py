@@ -1,12 +1,16 @@
-"""The training loop: accumulation, clipping, schedule, eval (loss and bits per byte), checkpoints, logging.
+"""The training loop: accumulation, clipping, schedule, evaluation, checkpoints, preemption, logging.
 
-One loop serves every stage and strategy. A step takes the rank's slice of one global batch from the loader, splits
-it into micro-batches, and normalises the summed loss by the number of loss tokens in the *global* batch, so the
-update equals a single process's for any world size (see igpt/parallel/base.py for the gradient convention).
+One loop serves every stage and strategy. The stage (``igpt/stages/``) declares its models by role; the trainer
+builds them (seeded, from ``init_from`` / ``reference_from`` / ``reward.model`` or fresh) and has the strategy place
+each one, trainable with its optimizer or frozen. An offline step takes the rank's slice of one global batch from the
+loader, splits it into micro-batches, and normalises the summed loss by the stage's count (tokens, comparisons) of the
+*global* batch, so the update equals a single process's for any world size (igpt/parallel/base.py states the gradient
+convention). A stage that makes its own batches (PPO) overrides the step and uses the same pieces.
 
-Exact resume: the learning rate is a pure function of the step; the checkpoint holds model, optimizer, RNG and the
-merged data-loader state of all ranks (resumable at another world size); ``resume=auto`` continues from the newest
-complete checkpoint. SIGUSR1/SIGTERM (or a ``<run_dir>/STOP`` file) make every rank finish the step, checkpoint and
+Exact resume: the learning rate is a pure function of the step; the checkpoint holds every trainable model and its
+optimizer, the RNG, the stage's own state and the merged data-loader states of all ranks (resumable at another world
+size); frozen models are rebuilt from their sources; ``resume=auto`` continues from the newest complete checkpoint.
+SIGUSR1/SIGTERM (or a ``<run_dir>/STOP`` file) make every rank finish the step, checkpoint and
 exit 0 after writing ``<run_dir>/preempted``, which the Slurm scripts read to requeue the job.
 """
 
@@ -96,18 +100,37 @@ class Trainer:
                 torch.distributed.destroy_process_group()
             raise
 
+    # ---- set-up ----------------------------------------------------------------------------------------------------
     def _setup(self, cfg: Config) -> None:
-        from igpt.data.loader import ShardLoader
-        from igpt.data.tokenizer import load_tokenizer, token_bytes
         from igpt.stages import build_stage
 
         self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))  # the resolved config, for every sink
-        tcfg = cfg.trainer
+        self.accum = self._accumulation_steps()
+        self.stage = build_stage(cfg)
+        self._setup_data()
+        self._setup_run_dir()
+        self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
+        # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
+        resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" and self.is_main else None
+        resume_from = self.strategy.broadcast_object(resume_from)
+        self.stage.prepare(self)
+        self._build_models(resuming=resume_from is not None)
+        self.stage.setup(self)
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.metrics = MetricsLogger(self.run_dir, self.config_dict, cfg.logger.wandb, enabled=self.is_main)
+        from igpt.model.flops import flops_per_token
 
-        # ---- batch arithmetic: global = micro x accumulation x world --------------------------------------------
+        self.flops_per_token = flops_per_token(cfg.model, cfg.trainer.seq_len)
+        self.peak_flops = device_peak_flops(self.device, cfg.logger.peak_flops)
+        self.stop = _StopFlag()
+
+    def _accumulation_steps(self) -> int:
+        """global = micro x accumulation x world; an inconsistent set fails here, naming the keys."""
+        tcfg = self.cfg.trainer
         per_rank, rem = divmod(tcfg.global_batch_size, self.world_size)
         if rem or per_rank % tcfg.micro_batch_size:
             unit = tcfg.micro_batch_size * self.world_size
@@ -116,21 +139,25 @@ class Trainer:
                 f"({tcfg.micro_batch_size}) x accumulation steps x world size ({self.world_size}): "
                 f"use a multiple of {unit}"
             )
-        self.accum = per_rank // tcfg.micro_batch_size
-        if tcfg.seq_len > cfg.model.max_seq_len:
-            raise ValueError(f"trainer.seq_len ({tcfg.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+        if tcfg.seq_len > self.cfg.model.max_seq_len:
+            raise ValueError(
+                f"trainer.seq_len ({tcfg.seq_len}) exceeds model.max_seq_len ({self.cfg.model.max_seq_len})"
+            )
+        return per_rank // tcfg.micro_batch_size
 
-        # ---- data and tokenizer -----------------------------------------------------------------------------------
-        self.stage = build_stage(cfg.stage)
+    def _setup_data(self) -> None:
+        from igpt.data.tokenizer import load_tokenizer, token_bytes
+
+        cfg = self.cfg
         index_path = os.path.join(cfg.data.dir, "index.json")
         if not os.path.exists(index_path):
             raise FileNotFoundError(f"data.dir={cfg.data.dir}: no index.json (prepare it: python -m igpt.data.prepare)")
         with open(index_path, encoding="utf-8") as f:
             self.index = json.load(f)
-        if self.index["kind"] != cfg.stage.kind:
+        if self.index["kind"] != self.stage.kind:
             raise ValueError(
-                f"stage {cfg.stage.name} reads kind={cfg.stage.kind} data, "
-                f"but {index_path} holds kind={self.index['kind']}"
+                f"stage {cfg.stage.name} reads kind={self.stage.kind} data, but {index_path} holds "
+                f"kind={self.index['kind']} (prepare it with python -m igpt.data.prepare kind={self.stage.kind})"
             )
         self.tokenizer_path = os.path.join(cfg.data.dir, "tokenizer.json")
         self.tokenizer = load_tokenizer(self.tokenizer_path)
@@ -141,19 +168,23 @@ class Trainer:
                 f"{self.tokenizer_path}); set model.vocab_size={vocab}"
             )
         self.token_bytes = token_bytes(self.tokenizer).to(self.device)
+        self.train_loader = self.make_loader("train", loop=True)
+        #: every loader whose position a checkpoint keeps ("train" here; a stage may add more, e.g. PPO-ptx's text)
+        self.loaders = {"train": self.train_loader}
 
-        def make_loader(split: str, loop: bool) -> ShardLoader:
-            return ShardLoader(
-                cfg.data.dir, split, seq_len=tcfg.seq_len, global_batch_size=tcfg.global_batch_size, rank=self.rank,
-                world_size=self.world_size, num_workers=cfg.data.num_workers if loop else 0,
-                num_partitions=cfg.data.num_partitions, seed=tcfg.seed, shuffle=cfg.data.shuffle and loop,
-                pack=cfg.stage.pack, loop=loop, skip_corrupt=cfg.data.skip_corrupt,
-            )
+    def make_loader(self, split: str, loop: bool, data_dir: str | None = None, pack: bool | None = None):
+        """A loader over ``data_dir`` (default ``data.dir``) with this run's batch, partitions and seed."""
+        from igpt.data.loader import ShardLoader
 
-        self.make_loader = make_loader
-        self.train_loader = make_loader("train", loop=True)
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        return ShardLoader(
+            data_dir or cfg.data.dir, split, seq_len=tcfg.seq_len, global_batch_size=tcfg.global_batch_size,
+            rank=self.rank, world_size=self.world_size, num_workers=cfg.data.num_workers if loop else 0,
+            num_partitions=cfg.data.num_partitions, seed=tcfg.seed, shuffle=cfg.data.shuffle and loop,
+            pack=cfg.stage.pack if pack is None else pack, loop=loop, skip_corrupt=cfg.data.skip_corrupt,
+        )
 
-        # ---- run directory ---------------------------------------------------------------------------------------
+    def _setup_run_dir(self) -> None:
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -163,154 +194,218 @@ class Trainer:
                 os.remove(stale)
         self.strategy.barrier()
 
-        # ---- model, optimizer --------------------------------------------------------------------------------------
-        from igpt.model import Transformer, resolve_attention_backend, resolve_loss_backend
+    def _build_models(self, resuming: bool) -> None:
+        """Build, initialise and place every model the stage declares (``self.models``: role -> ``Wrapped``)."""
+        specs = self.stage.models()
+        if not any(spec.trainable for spec in specs):
+            raise ValueError(f"stage {self.cfg.stage.name} declares no trainable model")
+        self.specs = {spec.role: spec for spec in specs}
+        self.models = {}
+        for i, spec in enumerate(specs):
+            self.models[spec.role] = self.build_model(spec, first=i == 0, resuming=resuming)
+        #: the trainable models, main one first: what a checkpoint holds
+        self.trainable = {role: h for role, h in self.models.items() if h.trainable}
 
-        compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        attn = resolve_attention_backend(cfg.kernels.attention, self.device, cfg.kernels.strict, dtype=compute_dtype)
-        loss = resolve_loss_backend(cfg.kernels.loss, self.device, cfg.kernels.strict)
-        log.info("kernels: attention=%s loss=%s", attn, loss)
-        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-        model = Transformer(cfg.model, attention=attn, loss=loss)
-        self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
-        # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
-        resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" and self.is_main else None
-        resume_from = self.strategy.broadcast_object(resume_from)
-        if resume_from is None and cfg.init_from:
-            self._init_from(model, cfg.init_from)
-        self.model, self.optimizer = self.strategy.wrap(model, cfg.optim)
-        if resume_from is not None:
-            self._resume(resume_from)
+    def backends(self) -> tuple[str, str]:
+        """The attention and loss backends that run here (resolved once; a fallback is logged with its reason)."""
+        if not hasattr(self, "_backends"):
+            from igpt.model import resolve_attention_backend, resolve_loss_backend
 
-        self.metrics = MetricsLogger(self.run_dir, self.config_dict, cfg.logger.wandb, enabled=self.is_main)
-        from igpt.model.flops import flops_per_token
-
-        self.flops_per_token = flops_per_token(cfg.model, tcfg.seq_len)
-        self.peak_flops = device_peak_flops(self.device, cfg.logger.peak_flops)
-        self.stop = _StopFlag()
-
-    # ---- set-up helpers -----------------------------------------------------------------------------------------
-    def _init_from(self, model: torch.nn.Module, path: str) -> None:
-        ckpt = checkpoint.resolve(path)
-        meta = checkpoint.read_meta(ckpt)
-        ours = asdict(self.cfg.model)
-        diff = [k for k in ours if k not in ("name",) and meta["model"].get(k) != ours[k]]
-        if diff:
-            k = diff[0]
-            raise ValueError(
-                f"init_from={path}: model.{k} is {ours[k]!r} here but {meta['model'].get(k)!r} in {ckpt} "
-                f"(use model={meta['model'].get('name')} or matching overrides)"
+            cfg = self.cfg
+            compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            attn = resolve_attention_backend(
+                cfg.kernels.attention, self.device, cfg.kernels.strict, dtype=compute_dtype
             )
-        checkpoint.load_weights(model, checkpoint.read_model_state(ckpt), ckpt)
-        log.info("initialised weights from %s (step %s of stage %s)", ckpt, meta.get("step"), meta.get("stage"))
+            loss = resolve_loss_backend(cfg.kernels.loss, self.device, cfg.kernels.strict)
+            log.info("kernels: attention=%s loss=%s", attn, loss)
+            self._backends = (attn, loss)
+        return self._backends
+
+    def build_model(self, spec, first: bool = False, resuming: bool = False):
+        """One model of ``spec``, initialised and placed by the strategy (a ``Wrapped`` handle).
+
+        The first model is built right after seeding, so its initial weights depend on ``trainer.seed`` alone; any
+        other fresh model (a reference without a source) gets the same draw: the policy as it starts. A trainable model
+        that resumes gets its weights from the run's checkpoint afterwards instead of from ``spec.init``."""
+        attn, loss = self.backends()
+        if first:
+            torch.manual_seed(self.cfg.trainer.seed)
+            model = self._new_model(spec, attn, loss)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.trainer.seed)
+                model = self._new_model(spec, attn, loss)
+        if spec.init and not (spec.trainable and resuming):
+            self._load_init(model, spec)
+        optim = (spec.optim or self.cfg.optim) if spec.trainable else None
+        return self.strategy.wrap_model(model, optim, name=spec.role)
+
+    def _new_model(self, spec, attn: str, loss: str):
+        from igpt.config import ModelConfig
+        from igpt.model import Transformer
+
+        model_cfg = self.cfg.model
+        if spec.config_from_init:
+            model_cfg = ModelConfig(**checkpoint.read_meta(self._source(spec))["model"])
+        return Transformer(model_cfg, attention=attn, loss=loss, head=spec.head)
+
+    def _source(self, spec) -> str:
+        try:
+            return checkpoint.resolve(spec.init)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{spec.init_key}={spec.init}: {e}") from None
+
+    def _load_init(self, model: torch.nn.Module, spec) -> None:
+        ckpt = self._source(spec)
+        meta = checkpoint.read_meta(ckpt)
+        if not spec.config_from_init:
+            ours = asdict(self.cfg.model)
+            diff = [k for k in ours if k not in ("name",) and meta["model"].get(k) != ours[k]]
+            if diff:
+                k = diff[0]
+                raise ValueError(
+                    f"{spec.init_key}={spec.init}: model.{k} is {ours[k]!r} here but {meta['model'].get(k)!r} in "
+                    f"{ckpt} (use model={meta['model'].get('name')} or matching overrides)"
+                )
+        source_head = checkpoint.model_head(meta)
+        if spec.head == "lm" and source_head != "lm":
+            raise ValueError(
+                f"{spec.init_key}={spec.init}: {ckpt} holds a model with a {source_head} head (a reward model), "
+                f"but the {spec.role} needs a language model (an SFT or pretraining checkpoint)"
+            )
+        kept = checkpoint.load_weights(model, checkpoint.read_model_state(ckpt), ckpt, strict=spec.head == source_head)
+        how = f", new {spec.head} head" if kept else ""
+        log.info("%s: weights from %s (step %s of stage %s%s)", spec.role, ckpt, meta.get("step"),
+                 meta.get("stage"), how)
 
     def _resume(self, ckpt: str) -> None:
-        self.strategy.load(ckpt)
+        meta = checkpoint.read_meta(ckpt)
+        dirs = {role: info["dir"] for role, info in (meta.get("models") or {}).items()}
+        for i, (role, handle) in enumerate(self.trainable.items()):
+            sub = "." if i == 0 else dirs.get(role)
+            if sub is None:
+                raise FileNotFoundError(f"{ckpt}: no weights for the {role} model (meta.json lists {sorted(dirs)})")
+            handle.load(os.path.normpath(os.path.join(ckpt, sub)), meta)
         state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
         self.step, self.tokens_seen = state["step"], state["tokens"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.train_loader.load_state_dict(state["loader"])
+        for name, loader_state in state.get("loaders", {}).items():
+            self.loaders[name].load_state_dict(loader_state)
+        self.stage.load_state_dict(state.get("stage", {}))
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
-    # ---- the loop --------------------------------------------------------------------------------------------------
-    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-        mb = self.cfg.trainer.micro_batch_size
-        for i in range(self.accum):
-            yield {k: v[i * mb : (i + 1) * mb].to(self.device, non_blocking=True) for k, v in batch.items()}
+    # ---- pieces a step uses ----------------------------------------------------------------------------------------
+    def micro_batches(
+        self, batch: dict[str, torch.Tensor], size: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The rank's batch in micro-batches of ``size`` rows (default ``trainer.micro_batch_size``) on the device."""
+        mb = size or self.cfg.trainer.micro_batch_size
+        n = next(iter(batch.values())).shape[0]
+        for i in range(0, n, mb):
+            yield {k: v[i : i + mb].to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        self.model.train()
-        local_tokens = self.stage.count_tokens(batch).to(self.device, torch.float64)
-        global_tokens = float(self.strategy.all_reduce(local_tokens.clone()).item())
-        # loss = sum_loss * world / global_tokens: the ranks' averaged gradients are those of the global token mean
-        scale = self.world_size / max(global_tokens, 1.0)
+    def global_sum(self, values: list[torch.Tensor | float]) -> list[float]:
+        """Sum scalars over ranks in one collective (float64)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        return self.strategy.all_reduce(t).tolist()
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step on one batch of the train loader: the stage's (``offline_step`` by default)."""
+        return self.stage.train_step(batch)
+
+    def offline_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step of the (single) trainable model on the loader's global batch."""
+        (model,) = self.trainable.values()
+        model.train()
+        local_count = self.stage.count(batch).to(self.device, torch.float64)
+        global_count = float(self.strategy.all_reduce(local_count.clone()).item())
+        # loss = sum_loss * world / global_count: the ranks' averaged gradients are those of the global mean
+        scale = self.world_size / max(global_count, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, micro in enumerate(self._micro_batches(batch)):
-            with self.strategy.no_sync(last_micro=i == self.accum - 1), self.strategy.autocast():
-                out = self.stage(self.model, micro)
-                self.strategy.backward(out.loss_sum * scale)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, micro in enumerate(self.micro_batches(batch)):
+            with model.no_sync(last_micro=i == self.accum - 1), self.strategy.autocast():
+                out = self.stage.loss(self.models, micro)
+                model.backward(out.loss_sum * scale)
             loss_sum += out.loss_sum.detach().to(torch.float64)
-        loss = float(self.strategy.all_reduce(loss_sum).item()) / max(global_tokens, 1.0)
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().to(torch.float64)
+        names = list(metric_sums)
+        totals = self.strategy.all_reduce(torch.stack([loss_sum, *(metric_sums[k] for k in names)]))
+        loss = float(totals[0].item()) / max(global_count, 1.0)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.trainer.max_steps)
-        self.strategy.set_lr(lr)
+        model.set_lr(lr)
         finite = math.isfinite(loss)
-        grad_norm = self.strategy.clip_and_step(self.cfg.trainer.grad_clip, skip=not finite)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite}
+        grad_norm = model.clip_and_step(self.cfg.trainer.grad_clip, skip=not finite)
+        extra = {k: float(totals[1 + j].item()) / max(global_count, 1.0) for j, k in enumerate(names)}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, **extra}
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss per token and bits per byte over the whole val split (or ``trainer.eval_batches``).
-
-        bpb = total nats / ln 2 / total UTF-8 bytes of the target tokens; every rank runs the same number of forward
-        passes (a rank out of data runs a fully masked batch) so sharded strategies stay in step.
-        """
-        self.model.eval()
-        loader = iter(self.make_loader("val", loop=False))
-        nats = torch.zeros((), dtype=torch.float64, device=self.device)
-        nbytes, ntok = torch.zeros_like(nats), torch.zeros_like(nats)
+    def eval_batches(self, stage=None, split: str = "val", limit: int | None = None, data_dir: str | None = None):
+        """The rank's batches of one pass over ``split`` (loop=False), ``limit`` batches at most (default
+        ``trainer.eval_batches``; 0 = all). Every rank yields the same number of batches: one out of data gets
+        ``stage.masked`` copies that contribute nothing, so sharded strategies stay in step."""
+        stage = stage or self.stage
+        limit = self.cfg.trainer.eval_batches if limit is None else limit
+        loader = self.make_loader(split, loop=False, data_dir=data_dir)
+        batches = iter(loader)
         last: dict[str, torch.Tensor] | None = None
         n = 0
-        while self.cfg.trainer.eval_batches <= 0 or n < self.cfg.trainer.eval_batches:
-            batch = next(loader, None)
+        while limit <= 0 or n < limit:
+            batch = next(batches, None)
             has = torch.tensor(0.0 if batch is None else 1.0, device=self.device)
             if float(self.strategy.all_reduce(has, "max").item()) == 0.0:
                 break
             if batch is None:  # keep collectives in step: a masked batch contributes nothing
-                batch = {k: v.clone() for k, v in (last or self._empty_batch()).items()}
-                batch["labels"].fill_(-100)
+                batch = stage.masked(last if last is not None else loader.padding_batch())
             last = batch
-            for micro in self._micro_batches(batch):
-                with self.strategy.autocast():
-                    per_tok = self.model(micro["input_ids"], position_ids=micro.get("position_ids"),
-                                         labels=micro["labels"], reduction="none")
-                keep = micro["labels"] != -100
-                nats += per_tok.double().sum()
-                nbytes += self.token_bytes[micro["labels"].clamp(min=0)][keep].double().sum()
-                ntok += keep.sum()
+            yield batch
             n += 1
-        for t in (nats, nbytes, ntok):
-            self.strategy.all_reduce(t)
-        return {"loss": float(nats / ntok.clamp(min=1)), "bpb": float(nats / math.log(2) / nbytes.clamp(min=1))}
 
-    def _empty_batch(self) -> dict[str, torch.Tensor]:
-        b, s = self.cfg.trainer.global_batch_size // self.world_size, self.cfg.trainer.seq_len
-        zeros = torch.zeros(b, s, dtype=torch.long)
-        return {"input_ids": zeros, "labels": zeros.clone(), "position_ids": zeros.clone()}
+    def eval_micro_batches(self, stage=None, **kwargs) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.eval_batches(stage, **kwargs):
+            yield from self.micro_batches(batch)
 
     def sample(self) -> list[tuple[str, str]]:
-        """Greedy generations for the configured prompts (a W&B table at each eval)."""
-        from igpt.generate import generate
+        """Greedy generations of the main model for the configured prompts (a W&B table at each eval)."""
+        from igpt.sampling import generate
 
-        if not self.cfg.trainer.sample_prompts:
+        policy = next(iter(self.trainable.values()))
+        if not self.cfg.trainer.sample_prompts or policy.module.head != "lm":
             return []
         if not self.strategy.sharded and not self.is_main:
             return []
-        with self.strategy.autocast():
+        with policy.gathered() as model, self.strategy.autocast():
             outs = generate(
-                self.strategy.module, self.tokenizer, list(self.cfg.trainer.sample_prompts),
+                model, self.tokenizer, list(self.cfg.trainer.sample_prompts),
                 max_new_tokens=self.cfg.trainer.sample_max_new_tokens, temperature=0.0, chat=self.stage.chat,
             )
         return list(zip(self.cfg.trainer.sample_prompts, outs))
 
-    def save_checkpoint(self) -> str:
-        loader_states = self.strategy.all_gather_object(self.train_loader.state_dict())
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+    def save_checkpoint(self, extra_meta: dict[str, Any] | None = None) -> str:
+        loader_states = {
+            name: loader.merge_state_dicts(self.strategy.all_gather_object(loader.state_dict()))
+            for name, loader in self.loaders.items()
+        }
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         train_state = {
             "step": self.step, "tokens": self.tokens_seen, "skipped_steps": self.skipped_steps, "rng": rng,
-            "loader": self.train_loader.merge_state_dicts(loader_states),
+            "loader": loader_states.pop("train"), "loaders": loader_states, "stage": self.stage.state_dict(),
         }
         meta = {
             "stage": self.cfg.stage.name, "model": asdict(self.cfg.model), "strategy": self.cfg.strategy.name,
             "world_size": self.world_size, "tokenizer": "tokenizer.json", "precision": self.cfg.precision,
-            "config": self.config_dict,
+            "config": self.config_dict, **self.stage.checkpoint_meta(), **(extra_meta or {}),
         }
         path = checkpoint.save(
-            self.run_dir, self.step, self.strategy, train_state, meta, self.tokenizer_path, self.cfg.trainer.keep_last
+            self.run_dir, self.step, self.strategy, self.trainable, train_state, meta, self.tokenizer_path,
+            self.cfg.trainer.keep_last,
         )
         log.info("checkpoint %s", path)
         return path
@@ -325,6 +420,7 @@ class Trainer:
             return None
         return local or "signal on another rank"
 
+    # ---- the loop --------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         tcfg = self.cfg.trainer
         self.stop.install()
@@ -333,58 +429,38 @@ class Trainer:
             if self.step >= tcfg.max_steps:
                 log.info("run already at step %d >= trainer.max_steps=%d", self.step, tcfg.max_steps)
                 return last_eval
+            if tcfg.eval_at_start and self.step == 0:
+                last_eval = self._eval_and_log()
             progress = self._progress(tcfg.max_steps)
             batches = iter(self.train_loader)
             bad_in_a_row = 0
-            tokens_per_step = tcfg.global_batch_size * tcfg.seq_len
             t_last = time.perf_counter()
             while self.step < tcfg.max_steps:
-                batch = next(batches)
-                out = self.train_step(batch)
+                out = self.train_step(next(batches))
                 self.step += 1
-                self.tokens_seen += tokens_per_step
-                if not out["finite"]:
-                    self.skipped_steps += 1
-                    bad_in_a_row += 1
-                    log.warning("step %d: non-finite loss %s, update skipped (%d in a row)",
-                                self.step, out["loss"], bad_in_a_row)
-                    if bad_in_a_row >= tcfg.max_bad_steps:
-                        raise FloatingPointError(
-                            f"{bad_in_a_row} consecutive non-finite losses, the last at step {self.step}; stopping "
-                            f"(trainer.max_bad_steps={tcfg.max_bad_steps}); try a lower optim.lr"
-                        )
-                else:
-                    bad_in_a_row = 0
+                step_tokens = int(out.pop("step_tokens", tcfg.global_batch_size * tcfg.seq_len))
+                self.tokens_seen += step_tokens
+                bad_in_a_row = self._check_finite(out, bad_in_a_row)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
-                tps = tokens_per_step / dt
-                record = {
-                    "step": self.step, "split": "train", "loss": out["loss"], "lr": out["lr"],
-                    "grad_norm": out["grad_norm"], "tokens": self.tokens_seen, "tokens_per_s": tps,
-                    "mfu": tps * self.flops_per_token / (self.peak_flops * self.world_size),
-                    "peak_mem_gb": peak_memory_gb(self.device), "skipped_steps": self.skipped_steps,
-                }
+                record = self._train_record(out, step_tokens / dt)
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
                     self.metrics.log(record)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tps:,.0f}")
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                         tok_s=f"{record['tokens_per_s']:,.0f}")
                 if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or self.step == tcfg.max_steps:
                     last_eval = self._eval_and_log()
                     t_last = time.perf_counter()  # eval time is not training throughput
                 stop = self._should_stop()
+                if self.step == tcfg.max_steps:
+                    self.stage.on_train_end()
                 if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or self.step == tcfg.max_steps or stop:
                     self.save_checkpoint()
                     t_last = time.perf_counter()
                 if stop and self.step < tcfg.max_steps:
-                    if self.is_main:
-                        checkpoint.write_text_atomic(
-                            os.path.join(self.run_dir, "preempted"), json.dumps({"step": self.step, "reason": stop})
-                        )
-                        stop_file = os.path.join(self.run_dir, "STOP")
-                        if os.path.exists(stop_file):
-                            os.remove(stop_file)
-                    log.warning("stopped at step %d (%s); checkpoint written, resume with resume=auto", self.step, stop)
+                    self._preempted(stop)
                     break
             if progress is not None:
                 progress.close()
@@ -393,10 +469,42 @@ class Trainer:
             self.stop.uninstall()
             self.metrics.close()
 
+    def _check_finite(self, out: dict[str, Any], bad_in_a_row: int) -> int:
+        """Count a skipped (non-finite) step; stop after ``trainer.max_bad_steps`` in a row."""
+        if out.pop("finite"):
+            return 0
+        self.skipped_steps += 1
+        bad_in_a_row += 1
+        log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", self.step, out["loss"], bad_in_a_row)
+        if bad_in_a_row >= self.cfg.trainer.max_bad_steps:
+            raise FloatingPointError(
+                f"{bad_in_a_row} consecutive non-finite losses, the last at step {self.step}; stopping "
+                f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); try a lower optim.lr"
+            )
+        return bad_in_a_row
+
+    def _train_record(self, out: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+        return {
+            "step": self.step, "split": "train", "loss": out.pop("loss"), "lr": out.pop("lr"),
+            "grad_norm": out.pop("grad_norm"), "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size),
+            "peak_mem_gb": peak_memory_gb(self.device), "skipped_steps": self.skipped_steps, **out,
+        }
+
+    def _preempted(self, reason: str) -> None:
+        if self.is_main:
+            checkpoint.write_text_atomic(
+                os.path.join(self.run_dir, "preempted"), json.dumps({"step": self.step, "reason": reason})
+            )
+            stop_file = os.path.join(self.run_dir, "STOP")
+            if os.path.exists(stop_file):
+                os.remove(stop_file)
+        log.warning("stopped at step %d (%s); checkpoint written, resume with resume=auto", self.step, reason)
+
     def _eval_and_log(self) -> dict[str, float]:
-        result = self.evaluate()
+        result = self.stage.evaluate()
         self.metrics.log({"step": self.step, "split": "val", **result})
-        log.info("step %d: val loss %.4f, %.4f bits per byte", self.step, result["loss"], result["bpb"])
+        log.info("step %d: %s", self.step, self.stage.eval_summary(result))
         if self.cfg.trainer.sample_every_eval:
             rows = self.sample()
             if rows and self.is_main:

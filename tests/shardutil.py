@@ -17,8 +17,9 @@ EOT, PAD = 0, 1
 FIELDS = {
     "text": ("ids.bin",),
     "sft": ("ids.bin", "mask.bin"),
-    "pref": ("chosen.bin", "chosen_mask.bin", "rejected.bin", "rejected_mask.bin"),
+    "pref": ("ids.bin", "mask.bin", "lens.bin", "rank.bin", "margin.bin"),
 }
+OTHER_DTYPES = {"mask.bin": "<u1", "lens.bin": "<u4", "rank.bin": "<i4", "margin.bin": "<f4"}
 
 
 def random_docs(rng: np.random.Generator, n: int, min_len: int, max_len: int, vocab: int) -> list[np.ndarray]:
@@ -40,9 +41,21 @@ def random_convs(rng: np.random.Generator, n: int, min_len: int, max_len: int, v
 
 
 def random_prefs(rng: np.random.Generator, n: int, min_len: int, max_len: int, vocab: int) -> list[tuple]:
-    """Preference samples (chosen, chosen_mask, rejected, rejected_mask)."""
-    a, b = random_convs(rng, n, min_len, max_len, vocab), random_convs(rng, n, min_len, max_len, vocab)
-    return [(c, cm, r, rm) for (c, cm), (r, rm) in zip(a, b)]
+    """Preference samples (ids, mask, lens, ranks, margin): K = 2 or 3 sequences (prompt + response) back to back,
+    ranks 0..K-1 shuffled (K = 3 sometimes with a tie), a random margin for pairs."""
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(2, 4))
+        convs = random_convs(rng, k, min_len, max_len, vocab)
+        ranks = rng.permutation(k)
+        if k == 3 and rng.random() < 0.3:
+            ranks[ranks == 2] = 1  # a tie
+        margin = [float(rng.normal())] if k == 2 else [0.0]
+        out.append((
+            np.concatenate([c for c, _ in convs]), np.concatenate([m for _, m in convs]),
+            np.array([len(c) for c, _ in convs]), ranks, np.array(margin),
+        ))
+    return out
 
 
 def write_dataset(
@@ -56,7 +69,7 @@ def write_dataset(
     """Write ``root/index.json``, ``root/tokenizer.json`` and ``root/<split>/shard-NNNNNN.tar``.
 
     ``splits`` maps a split name to its shards, each a list of samples: for kind=text one id array, for sft an
-    (ids, mask) pair, for pref a (chosen, chosen_mask, rejected, rejected_mask) tuple.
+    (ids, mask) pair, for pref an (ids, mask, lens, ranks, margin) tuple.
     """
     os.makedirs(root, exist_ok=True)
     fields = FIELDS[kind]
@@ -79,10 +92,10 @@ def write_dataset(
                     arrays = (sample,) if kind == "text" else sample
                     rec = {"__key__": f"{s:06d}_{i:08d}"}
                     for f, a in zip(fields, arrays):
-                        dt = np.dtype("<u1") if f.endswith("mask.bin") else np.dtype(dtype).newbyteorder("<")
+                        dt = np.dtype(OTHER_DTYPES.get(f) or np.dtype(dtype).newbyteorder("<"))
                         rec[f] = np.asarray(a).astype(dt).tobytes()
                     sink.write(rec)
-                    tokens += len(arrays[0]) + (len(arrays[2]) if kind == "pref" else 0)
+                    tokens += len(arrays[0])
             entries.append({"name": name, "samples": len(samples), "tokens": tokens, "bytes": tokens * 4})
         index["splits"][split] = {
             "samples": sum(e["samples"] for e in entries),

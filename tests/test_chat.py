@@ -147,16 +147,39 @@ def test_sft_record_errors_name_file_and_line(line, error):
 
 
 def test_pref_record_forms_and_errors():
-    prompt, chosen, rejected = parse_pref_record({"prompt": "Q?", "chosen": "A.", "rejected": "B."}, "p:1")
-    assert prompt == [{"role": "user", "content": "Q?"}]
-    assert chosen == [{"role": "assistant", "content": "A."}] and rejected == [{"role": "assistant", "content": "B."}]
+    rec = parse_pref_record({"prompt": "Q?", "chosen": "A.", "rejected": "B.", "margin": 2}, "p:1")
+    assert rec.prompt == [{"role": "user", "content": "Q?"}]
+    assert rec.responses == [[{"role": "assistant", "content": "A."}], [{"role": "assistant", "content": "B."}]]
+    assert rec.ranking == [0, 1] and rec.margin == 2.0
     record = {"messages": SINGLE[:1], "chosen": [SINGLE[1]], "rejected": [{"role": "assistant", "content": "5"}]}
-    assert parse_pref_record(record, "p:2")[1] == [SINGLE[1]]
-    with pytest.raises(ValueError, match="p:3: missing key 'prompt'"):
-        parse_pref_record({"chosen": "a", "rejected": "b"}, "p:3")
-    with pytest.raises(ValueError, match="p:4: missing key 'rejected'"):
-        parse_pref_record({"prompt": "q", "chosen": "a"}, "p:4")
-    with pytest.raises(ValueError, match="p:5: 'chosen' must be a string or a list of messages, got int"):
-        parse_pref_record({"prompt": "q", "chosen": 1, "rejected": "b"}, "p:5")
-    with pytest.raises(ValueError, match="p:6: chosen has no assistant message"):
-        parse_pref_record({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "p:6")
+    assert parse_pref_record(record, "p:2").responses[0] == [SINGLE[1]]
+    kwise = parse_pref_record({"prompt": "Q?", "responses": ["a", "b", "c"], "ranking": [2, 0, 2]}, "p:3")
+    assert kwise.ranking == [2, 0, 2] and kwise.margin == 0.0 and len(kwise.responses) == 3
+    errors = [
+        ({"chosen": "a", "rejected": "b"}, "p:9: missing key 'prompt'"),
+        ({"prompt": "q", "chosen": "a"}, "p:9: missing key 'rejected'"),
+        ({"prompt": "q", "chosen": 1, "rejected": "b"}, "p:9: 'chosen' must be a string or a list of messages"),
+        ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "p:9: chosen has no"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "p:9: 'margin' must be a number"),
+        ({"prompt": "q", "responses": ["a"], "ranking": [0]}, "p:9: expected at least 2 responses"),
+        ({"prompt": "q", "responses": ["a", "b"], "ranking": [0]}, "p:9: expected at least 2 responses and one rank"),
+        ({"prompt": "q", "responses": ["a", "b"], "ranking": [1, 1]}, "p:9: every response has the same rank"),
+        ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, -1]}, r"p:9: ranking must hold integers >= 0"),
+        ({"prompt": "q", "responses": ["a", "b"]}, "p:9: a K-wise record needs 'ranking'"),
+        ({"prompt": "q", "responses": ["a", 3], "ranking": [0, 1]}, r"p:9: 'responses\[1\]' must be a string"),
+        ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, 1], "margin": 1}, "p:9: 'margin' applies to"),
+    ]
+    for record, error in errors:
+        with pytest.raises(ValueError, match=error):
+            parse_pref_record(record, "p:9")
+
+
+def test_prompt_record_forms_and_errors():
+    from igpt.data.formats import parse_prompt_record
+
+    assert parse_prompt_record({"prompt": "Hi?", "answer": "4"}, "q:1") == [{"role": "user", "content": "Hi?"}]
+    assert parse_prompt_record({"messages": SINGLE[:1]}, "q:2") == SINGLE[:1]
+    with pytest.raises(ValueError, match="q:3: the prompt ends with a assistant turn"):
+        parse_prompt_record({"messages": SINGLE}, "q:3")
+    with pytest.raises(ValueError, match="q:4: missing key 'prompt'"):
+        parse_prompt_record({"question": "x"}, "q:4")

@@ -48,7 +48,7 @@ def sft_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory):
     rng = np.random.default_rng(2)
-    shards = [random_prefs(rng, 5, 2, 24, 500) for _ in range(8)]
+    shards = [random_prefs(rng, 5, 2, 5, 500) for _ in range(8)]  # K <= 3 sequences of <= 5 tokens fit S
     root = write_dataset(str(tmp_path_factory.mktemp("pref")), "pref", {"train": shards}, dtype="uint32")
     return root, shards
 
@@ -396,20 +396,58 @@ def test_sft_rows_match_reference(sft_data, pack):
     assert total == n_targets > 0
 
 
-def test_pref_rows_one_pair_per_row(pref_data):
+def reference_pref_row(sample, sid: int):
+    """One kind=pref row by plain loops: the K sequences back to back (they fit S here), labels on each response's
+    tokens after the first token of its sequence, positions restarting per sequence, the segment's rank per token."""
+    ids, mask, lens, ranks, margin = sample
+    tokens, labels, pos, rank = [], [], [], []
+    start = 0
+    for k, n in enumerate(lens):
+        for j in range(n):
+            tokens.append(int(ids[start + j]))
+            pos.append(j)
+            rank.append(int(ranks[k]))
+            nxt = start + j + 1
+            labels.append(int(ids[nxt]) if j + 1 < n and mask[nxt] else -100)
+        start += n
+    pad = S - len(tokens)
+    assert pad >= 0
+    tokens += [PAD] * pad
+    labels += [-100] * pad
+    pos += list(range(pad))
+    rank += [-1] * pad
+    return {"input_ids": tokens, "labels": labels, "position_ids": pos, "seq_rank": rank,
+            "margin": [float(np.float32(margin[0]))] * S, "sample_id": [sid] * S}
+
+
+def test_pref_rows_one_record_per_row(pref_data):
     root, shards = pref_data
     R = GB // P
     batches = take(make(root, shuffle=False, loop=True), 3)
+    first = np.cumsum([0] + [len(x) for x in shards])
     for p in range(P):
-        pairs = [shards[s][i] for unit in reference_units(len(shards), [len(x) for x in shards], p) for s, i in unit]
-        pairs = (pairs * 4)[: 3 * R]
+        order = [(s, i) for unit in reference_units(len(shards), [len(x) for x in shards], p) for s, i in unit]
+        order = (order * 4)[: 3 * R]
         rows = [(b, r) for b in batches for r in range(p * R, (p + 1) * R)]
-        for (b, r), pair in zip(rows, pairs):
-            for side, (ids, mask) in (("chosen_", pair[0:2]), ("rejected_", pair[2:4])):
-                ((want_ids, want_labels, want_pos),) = greedy_sft_rows([(ids, mask)], pack=False)
-                assert (b[f"{side}input_ids"][r].numpy() == want_ids).all()
-                assert (b[f"{side}labels"][r].numpy() == want_labels).all()
-                assert (b[f"{side}position_ids"][r].numpy() == want_pos).all()
+        for (b, r), (s, i) in zip(rows, order):
+            want = reference_pref_row(shards[s][i], int(first[s] + i))
+            for key, value in want.items():
+                assert b[key][r].tolist() == value, (key, s, i)
+
+
+def test_pref_records_cut_to_fit_the_row():
+    from igpt.data.packing import fit_segments
+
+    lens, prompts = np.array([10, 30, 14]), np.array([6, 6, 6])
+    keep_p, keep_r = fit_segments(lens, prompts, 30)  # prompts kept, responses capped at 4 (6+4 + 6+4 + 6+4 = 30)
+    assert keep_p.tolist() == [6, 6, 6] and keep_r.tolist() == [4, 4, 4]
+    keep_p, keep_r = fit_segments(lens, prompts, 40)  # 22 tokens for responses: cap 10, the two short ones whole
+    assert keep_r.tolist() == [4, 10, 8] and (keep_p + keep_r).sum() == 40
+    keep_p, keep_r = fit_segments(lens, prompts, 12)  # prompts must be cut too: 3 tokens of prompt + 1 of response
+    assert keep_p.tolist() == [3, 3, 3] and keep_r.tolist() == [1, 1, 1]
+    assert fit_segments(lens, prompts, 100)[1].tolist() == [4, 24, 8]  # everything fits: nothing cut
+    with pytest.raises(ValueError, match="cannot fit"):
+        fit_segments(lens, prompts, 2)
 
 
 @pytest.mark.parametrize("kind, pack", [("sft", True), ("sft", False), ("pref", True)])

@@ -14,6 +14,7 @@ import webdataset as wds
 from igpt.data import corpus
 from igpt.data.chat import encode_chat
 from igpt.data.formats import chunk_text, expand_inputs, parse_pref_record, parse_sft_record
+from igpt.data.kinds import OTHER_FIELDS
 from igpt.data.prepare import choose_val, main, prepare
 from igpt.data.tokenizer import load_tokenizer, train_tokenizer, vocab_size
 
@@ -48,7 +49,8 @@ def _read_split(out, split, dtype=np.uint16):
                 key, field = m.name.split(".", 1)
                 assert key.startswith(f"{s:06d}_")
                 data = tar.extractfile(m).read()
-                arr = np.frombuffer(data, dtype=np.uint8 if "mask" in field else np.dtype(dtype).newbyteorder("<"))
+                other = OTHER_FIELDS.get(field)
+                arr = np.frombuffer(data, dtype=other or np.dtype(dtype).newbyteorder("<"))
                 current.setdefault(key, {})[field] = arr
             assert len(current) == shard["samples"]
             samples += [current[k] for k in sorted(current)]
@@ -202,32 +204,55 @@ def test_sft_truncation_warns_and_keeps_the_start(tmp_path, tok_path):
 
 
 def test_pref_shards(tmp_path, tok_path):
+    """Pairs and K-wise rankings: the K sequences back to back, masks on the responses, lengths, ranks, margin."""
     tok = load_tokenizer(tok_path)
-    src = os.path.join(DATA, "pref.jsonl")
+    src = str(tmp_path / "pref.jsonl")
+    lines = open(os.path.join(DATA, "pref.jsonl"), encoding="utf-8").read().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "margin": 0.5})
+    lines.append(json.dumps({"prompt": "Rank these.", "responses": ["One.", "Two!", "Three?"], "ranking": [1, 0, 1]}))
+    open(src, "w", encoding="utf-8").write("\n".join(lines) + "\n")
     prepare(src, str(tmp_path / "p"), tok_path, kind="pref", val_fraction=0, num_workers=1, progress=False)
     index, samples = _read_split(tmp_path / "p", "train")
-    assert index["kind"] == "pref" and len(samples) == 3
-    records = [parse_pref_record(json.loads(line), "x") for line in open(src, encoding="utf-8")]
+    assert index["kind"] == "pref" and len(samples) == 4
     expected = []
-    for prompt, chosen, rejected in records:
-        expected.append(
-            (
-                encode_chat(tok, prompt + chosen)[0],
-                chosen[-1]["content"] + "<|im_end|>",
-                encode_chat(tok, prompt + rejected)[0],
-                rejected[-1]["content"] + "<|im_end|>",
-            )
-        )
+    for line in lines:
+        rec = parse_pref_record(json.loads(line), "x")
+        seqs = [encode_chat(tok, rec.prompt + r)[0] for r in rec.responses]
+        texts = [r[-1]["content"] + "<|im_end|>" for r in rec.responses]
+        expected.append((seqs, texts, rec.ranking, rec.margin))
     got = []
     for s in samples:
-        assert set(s) == {"chosen.bin", "chosen_mask.bin", "rejected.bin", "rejected_mask.bin"}
-        row = []
-        for side in ("chosen", "rejected"):
-            ids, mask = s[f"{side}.bin"].tolist(), s[f"{side}_mask.bin"].tolist()
-            assert len(ids) == len(mask)
-            row += [ids, tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)]
-        got.append(tuple(row))
-    assert sorted(got) == sorted(expected)
+        assert set(s) == {"ids.bin", "mask.bin", "lens.bin", "rank.bin", "margin.bin"}
+        ids, mask, lens = s["ids.bin"].tolist(), s["mask.bin"].tolist(), s["lens.bin"].tolist()
+        assert len(ids) == len(mask) == sum(lens)
+        bounds = np.cumsum([0] + lens)
+        seqs = [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        texts = [tok.decode([i for i, m in zip(ids[a:b], mask[a:b]) if m], skip_special_tokens=False)
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        got.append((seqs, texts, s["rank.bin"].tolist(), float(s["margin.bin"][0])))
+    assert sorted(got, key=repr) == sorted(expected, key=repr)
+
+
+def test_prompt_shards(tmp_path, tok_path):
+    tok = load_tokenizer(tok_path)
+    records = [{"prompt": "What is 2+2?", "answer": "4"}, {"messages": [{"role": "user", "content": "Hi"}], "id": 7}]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    prepare(str(src), str(tmp_path / "q"), tok_path, kind="prompt", val_fraction=0, num_workers=1, progress=False)
+    index, samples = _read_split(tmp_path / "q", "train")
+    assert index["kind"] == "prompt"
+    got = sorted((s["ids.bin"].tolist(), json.loads(s["record.json"].tobytes())) for s in samples)
+    first = [{"role": "user", "content": "What is 2+2?"}]
+    want = [(encode_chat(tok, first, add_generation_prompt=True)[0], records[0]),
+            (encode_chat(tok, records[1]["messages"], add_generation_prompt=True)[0], records[1])]
+    assert got == sorted(want)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(records[0]) + "\n" + json.dumps({"messages": SINGLE_TURN}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: the prompt ends with a assistant turn"):
+        prepare(str(bad), str(tmp_path / "b"), tok_path, kind="prompt", val_fraction=0, num_workers=1, progress=False)
+
+
+SINGLE_TURN = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
 
 
 def test_webdataset_reads_the_shards(tmp_path, tok_path):

@@ -124,7 +124,7 @@ def test_non_finite_loss_skips_step_then_stops(prepared_text_dir, tmp_path):
     def poisoned(batch):
         if trainer.step >= 2:
             with torch.no_grad():  # a NaN final-norm weight makes every loss NaN
-                trainer.strategy.module.norm.weight.fill_(float("nan"))
+                trainer.models["policy"].module.norm.weight.fill_(float("nan"))
         return step_fn(batch)
 
     trainer.train_step = poisoned
@@ -166,13 +166,17 @@ def test_wandb_offline_read_back(prepared_text_dir, tmp_path):
 
 
 def test_compose_defaults():
-    cfg = compose_config(["+stage=sft", "data.dir=/d"])
+    from igpt.config import validate
+
+    cfg = validate(compose_config(["+stage=sft", "data.dir=/d"]))
     assert cfg.stage.kind == "sft" and cfg.strategy.name == "single" and cfg.model.name == "tiny"
+    with pytest.raises(ValueError, match="stage.kind"):
+        validate(compose_config(["+stage=sft", "data.dir=/d", "stage.kind=text"]))
 
 
 def test_sft_loss_ignores_prompt_tokens(prepared_sft_dir):
     """SFT labels cover exactly the assistant tokens; what stands at prompt positions never reaches loss or grads."""
-    from igpt.config import ModelConfig, StageConfig
+    from igpt.config import Config, ModelConfig, StageConfig
     from igpt.data.loader import ShardLoader
     from igpt.model import Transformer
     from igpt.stages import build_stage
@@ -191,11 +195,11 @@ def test_sft_loss_ignores_prompt_tokens(prepared_sft_dir):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=384, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
                                     max_seq_len=64))
-    stage = build_stage(StageConfig(name="sft", kind="sft"))
+    stage = build_stage(Config(stage=StageConfig(name="sft")))
 
     def loss_and_grads(labels_: torch.Tensor):
         model.zero_grad()
-        out = stage(model, {**batch, "labels": labels_})
+        out = stage.loss({"policy": model}, {**batch, "labels": labels_})
         (out.loss_sum / out.tokens).backward()
         return out.loss_sum.item(), [p.grad.clone() for p in model.parameters()]
 
@@ -233,7 +237,7 @@ def test_sft_from_pretrained_checkpoint(prepared_text_dir, prepared_sft_dir, tmp
     from igpt.checkpoint import read_model_state, resolve
 
     pre_state = read_model_state(resolve(pre))
-    for k, v in trainer.strategy.module.state_dict().items():
+    for k, v in trainer.models["policy"].module.state_dict().items():
         assert torch.equal(v, pre_state[k]), k
     trainer.fit()
     trainer.close()

@@ -9,9 +9,13 @@ Record formats (one JSON object per line, blank lines skipped):
 - chat (kind=sft): ``{"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}``, or Alpaca
   ``{"instruction", "input", "output"}`` (Stanford Alpaca): user = instruction + ("\\n\\n" + input if input),
   assistant = output.
-- preference (kind=pref): ``{"prompt": "..." | "messages": [...], "chosen": ..., "rejected": ...}`` where chosen and
-  rejected are the assistant reply as a string, or a list of messages continuing the prompt (the conversational
-  format of TRL's preference datasets).
+- preference (kind=pref): ``{"prompt": "..." | "messages": [...], "chosen": ..., "rejected": ...[, "margin": x]}``
+  where chosen and rejected are the assistant reply as a string, or a list of messages continuing the prompt (the
+  conversational format of TRL's preference datasets); or K-wise, as InstructGPT's labelers ranked K responses,
+  ``{"prompt" | "messages", "responses": [...], "ranking": [...]}`` with ``ranking[i]`` the rank of ``responses[i]``
+  (0 = best; equal ranks are ties).
+- prompt (kind=prompt, PPO): ``{"prompt": "..." | [...messages]}`` or ``{"messages": [...]}`` ending in a user turn;
+  every other field (a reference answer, say) is kept for the reward functions.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import sys
 import types
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from igpt.data.chat import Message, validate_messages
@@ -181,24 +186,67 @@ def _response(value: Any, key: str, where: str) -> list[Message]:
     raise ValueError(f"{where}: {key!r} must be a string or a list of messages, got {type(value).__name__}")
 
 
-def parse_pref_record(obj: dict[str, Any], where: str) -> tuple[list[Message], list[Message], list[Message]]:
-    """A preference record -> (prompt messages, chosen continuation, rejected continuation)."""
+def _prompt_messages(obj: dict[str, Any], where: str) -> list[Message]:
+    """The prompt of a preference or prompt record: ``"prompt"`` (a string or messages) or ``"messages"``."""
     if "prompt" in obj:
         prompt = obj["prompt"]
         if isinstance(prompt, str):
-            prompt_messages = [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, list):
-            prompt_messages = validate_messages(prompt, f"{where}: prompt")
-        else:
-            raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-    elif "messages" in obj:
-        prompt_messages = validate_messages(obj["messages"], f"{where}: messages")
-    else:
-        raise ValueError(f"{where}: missing key 'prompt' (or 'messages'); a preference record needs a prompt")
+            return [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list):
+            return validate_messages(prompt, f"{where}: prompt")
+        raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    if "messages" in obj:
+        return validate_messages(obj["messages"], f"{where}: messages")
+    raise ValueError(f"{where}: missing key 'prompt' (or 'messages'); the record needs a prompt")
+
+
+@dataclass
+class PrefRecord:
+    prompt: list[Message]
+    responses: list[list[Message]]  # K >= 2 continuations of the prompt
+    ranking: list[int]  # rank of each response: 0 = best, equal = tie
+    margin: float = 0.0  # Bradley-Terry margin of a chosen/rejected pair
+
+
+def parse_pref_record(obj: dict[str, Any], where: str) -> PrefRecord:
+    """A preference record (a chosen/rejected pair, or K ranked responses) -> :class:`PrefRecord`."""
+    prompt = _prompt_messages(obj, where)
+    if "responses" in obj or "ranking" in obj:
+        for key in ("responses", "ranking"):
+            if not isinstance(obj.get(key), list):
+                raise ValueError(f"{where}: a K-wise record needs {key!r} as a list (responses and their ranks)")
+        responses, ranking = obj["responses"], obj["ranking"]
+        if len(responses) < 2 or len(ranking) != len(responses):
+            raise ValueError(
+                f"{where}: expected at least 2 responses and one rank per response, got {len(responses)} responses "
+                f"and {len(ranking)} ranks"
+            )
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranking):
+            raise ValueError(f"{where}: ranking must hold integers >= 0 (0 = best), got {ranking}")
+        if len(set(ranking)) < 2:
+            raise ValueError(f"{where}: every response has the same rank {ranking[0]}: no comparison to learn from")
+        if "margin" in obj:
+            raise ValueError(f"{where}: 'margin' applies to chosen/rejected pairs, not to K-wise rankings")
+        parsed = [_response(r, f"responses[{i}]", where) for i, r in enumerate(responses)]
+        return PrefRecord(prompt, parsed, list(ranking))
     for key in ("chosen", "rejected"):
         if key not in obj:
-            raise ValueError(f"{where}: missing key {key!r}")
-    return prompt_messages, _response(obj["chosen"], "chosen", where), _response(obj["rejected"], "rejected", where)
+            raise ValueError(f"{where}: missing key {key!r} (or 'responses' and 'ranking' for a K-wise record)")
+    margin = obj.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise ValueError(f"{where}: 'margin' must be a number, got {type(margin).__name__}")
+    chosen, rejected = _response(obj["chosen"], "chosen", where), _response(obj["rejected"], "rejected", where)
+    return PrefRecord(prompt, [chosen, rejected], [0, 1], float(margin))
+
+
+def parse_prompt_record(obj: dict[str, Any], where: str) -> list[Message]:
+    """A prompt record -> the messages to sample a response to (they must end with a user turn)."""
+    messages = _prompt_messages(obj, where)
+    if messages[-1]["role"] != "user":
+        raise ValueError(
+            f"{where}: the prompt ends with a {messages[-1]['role']} turn; a prompt for sampling ends with a user turn"
+        )
+    return messages
 
 
 # ------------------------------------------------------------------------------------------------- key=value arguments

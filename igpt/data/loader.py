@@ -42,13 +42,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from igpt.data.packing import ConvPacker, Packer, PrefPacker, TextPacker
+from igpt.data.packing import ConvPacker, Packer, PrefPacker, PromptPacker, TextPacker
 from igpt.data.partition import CorruptShardError, Layout, SampleCursor, SplitIndex, read_index
 
 __all__ = ["ShardLoader", "CorruptShardError"]
 
 STATE_VERSION = 1
 log = logging.getLogger(__name__)
+
+# The batch keys of each data kind (docs/internals.md, "Batches"), what padding rows hold in each, and the keys that
+# carry float32 values as their bits through the int32 transfer tensors.
+BATCH_KEYS: dict[str, tuple[str, ...]] = {
+    "text": ("input_ids", "labels", "position_ids"),
+    "sft": ("input_ids", "labels", "position_ids"),
+    "pref": ("input_ids", "labels", "position_ids", "seq_rank", "margin", "sample_id"),
+    "prompt": ("input_ids", "prompt_len", "sample_id"),
+}
+PAD_VALUES = {"labels": -100, "seq_rank": -1, "margin": 0, "sample_id": -1, "prompt_len": 0}
+FLOAT_KEYS = ("margin",)
 
 
 def _divisors(n: int) -> list[int]:
@@ -93,26 +104,27 @@ class _Spec:
         kind, S, pad = self.index.kind, self.seq_len, self.index.pad_id
         if kind == "pref":
             return PrefPacker(cursor, S, pad, done=state["done"])
+        if kind == "prompt":
+            return PromptPacker(cursor, S, pad, done=state["done"])
         if kind == "text" and self.pack:
             return TextPacker(cursor, S, pad, offset=state["offset"], done=state["done"])
         return ConvPacker(cursor, S, pad, pack=self.pack, done=state["done"])
 
     @property
     def keys(self) -> tuple[str, ...]:
-        sides = ("chosen_", "rejected_") if self.index.kind == "pref" else ("",)
-        return tuple(f"{side}{k}" for side in sides for k in ("input_ids", "labels", "position_ids"))
+        return BATCH_KEYS[self.index.kind]
 
     def pad_chunk(self, n_rows: int) -> torch.Tensor:
-        """(C, n_rows, S) padding rows (labels -100) for a worker whose partitions have all run out (loop=False)."""
+        """(C, n_rows, S) padding rows (no loss, no segments) for a worker whose partitions have all run out."""
         S = self.seq_len
         out = torch.empty((len(self.keys), n_rows, S), dtype=torch.int32)
         for c, key in enumerate(self.keys):
-            if key.endswith("input_ids"):
+            if key == "input_ids":
                 out[c] = self.index.pad_id
-            elif key.endswith("labels"):
-                out[c] = -100
-            else:
+            elif key == "position_ids":
                 out[c] = torch.arange(S, dtype=torch.int32)
+            else:
+                out[c] = PAD_VALUES[key]
         return out
 
 
@@ -159,6 +171,13 @@ def _drain(packers: dict[int, Packer]) -> list[str]:
         out += p.cursor.skipped
         p.cursor.skipped = []
     return out
+
+
+def _batch_dict(out: torch.Tensor, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """(C, b, S) int64 channels -> the batch dict; float channels get their float32 values back."""
+    return {
+        key: out[c].to(torch.int32).view(torch.float32) if key in FLOAT_KEYS else out[c] for c, key in enumerate(keys)
+    }
 
 
 class _WorkerDataset(IterableDataset):
@@ -354,7 +373,12 @@ class ShardLoader:
                 states.update(st)
             self._states.update(states)
             b += 1
-            yield {key: out[c] for c, key in enumerate(keys)}
+            yield _batch_dict(out, keys)
+
+    def padding_batch(self) -> dict[str, torch.Tensor]:
+        """A local batch of padding rows (no loss, no segments): what a rank out of data runs in a collective pass."""
+        spec = _Spec(self.index, self.layout, self.seq_len, self.rows_per_partition, self.pack, False, False)
+        return _batch_dict(spec.pad_chunk(self.local_batch_size).to(torch.int64), spec.keys)
 
     def _note_skipped(self, names: list[str]) -> None:
         for name in names:

@@ -14,7 +14,14 @@ segment of its own (its positions restart at 0 too), so no real token ever share
   (a new row starts when the next one does not fit; a conversation longer than ``S + 1`` is truncated), the rest
   padded with ``<|pad|>``; labels only where the loss mask of the target token is 1 and never across a document start.
   With ``pack=False`` each conversation gets its own row.
-- ``PrefPacker`` (kind=pref): one preference pair per row, chosen and rejected each truncated/padded to ``S + 1``.
+- ``PrefPacker`` (kind=pref): one preference record per row: its K >= 2 sequences (prompt + response each) back to
+  back as K segments of at most ``S`` tokens in all, so that the last token of every segment is an input position
+  (a reward model reads its value there). ``seq_rank`` gives each token the rank of its segment (-1 on padding),
+  ``margin`` the record's margin (float32 bits), ``sample_id`` the record's global index in the split. A record
+  longer than ``S`` keeps its prompts and cuts the longest responses first; if the prompts alone do not fit, their
+  starts are cut too.
+- ``PromptPacker`` (kind=prompt): one prompt per row, right-padded (``prompt_len`` and ``sample_id`` per row); a
+  prompt longer than ``S`` keeps its last ``S`` tokens.
 
 Each packer's ``state()`` is the position of the next row's first token: ``{"epoch", "unit", "sample", "offset",
 "done"}`` (see ``igpt.data.partition``); a packer built from a state continues exactly there.
@@ -238,8 +245,95 @@ class ConvPacker:
         return _state(self._pending[0], 0, False)
 
 
+def float_bits(x: float) -> int:
+    """A float32 carried in an int32 batch channel (``igpt.data.loader`` turns ``margin`` back into floats)."""
+    return int(np.array([x], dtype=np.float32).view(np.int32)[0])
+
+
+def fit_segments(lens: np.ndarray, prompt_lens: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """How many tokens of each segment to keep (from the end of its prompt part cut, ``keep_prompt``, and from the
+    start of its response part, ``keep_resp``) so that all of them fit ``capacity`` tokens.
+
+    Responses are cut longest first (one common cap, water-filling) while every segment keeps its whole prompt and at
+    least one response token; only when that cannot fit are the prompts cut from the left to the same length.
+    """
+    resp = lens - prompt_lens
+    if lens.sum() <= capacity:
+        return prompt_lens.copy(), resp.copy()
+    k = len(lens)
+    if prompt_lens.sum() + np.minimum(resp, 1).sum() <= capacity:
+        lo, hi = 1, int(resp.max())  # the largest cap c with sum(prompt + min(resp, c)) <= capacity
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if prompt_lens.sum() + np.minimum(resp, mid).sum() <= capacity:
+                lo = mid
+            else:
+                hi = mid - 1
+        return prompt_lens.copy(), np.minimum(resp, lo)
+    q = capacity // k - 1
+    if q < 0:
+        raise ValueError(f"a preference record with {k} responses cannot fit trainer.seq_len={capacity} tokens")
+    return np.minimum(prompt_lens, q), np.minimum(resp, 1)
+
+
 class PrefPacker:
-    """One preference pair per row: ``chosen_*`` and ``rejected_*`` arrays (module docstring)."""
+    """One preference record (K ranked sequences) per row (module docstring)."""
+
+    def __init__(self, cursor: SampleCursor, seq_len: int, pad_id: int, *, done: bool = False) -> None:
+        self._conv = ConvPacker(cursor, seq_len, pad_id, pack=False, done=done)
+        self.cursor = cursor
+        self.S = seq_len
+        self.pad_id = pad_id
+        self.truncated = 0  # records cut to fit seq_len
+
+    def exhausted(self) -> bool:
+        return self._conv.exhausted()
+
+    def rows(self, n: int) -> dict[str, np.ndarray]:
+        S = self.S
+        tokens = np.full((n, S + 1), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, S + 1), dtype=np.uint8)
+        start = np.zeros((n, S + 1), dtype=bool)
+        rank = np.full((n, S + 1), -1, dtype=np.int64)
+        margin = np.zeros((n, S), dtype=np.int64)
+        sample_id = np.full((n, S), -1, dtype=np.int64)
+        fills = [0] * n
+        for r in range(n):
+            if self._conv.exhausted():
+                continue
+            sid = self.cursor.last_id  # exhausted() has read the record (it is pending): this is its id
+            item = self._conv.take()
+            assert item is not None
+            ids, msk, lens, ranks, marg = item[1]
+            bounds = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            prompt_lens = np.array(
+                [int(np.argmax(msk[a:b])) if msk[a:b].any() else b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            )
+            keep_p, keep_r = fit_segments(np.asarray(lens, dtype=np.int64), prompt_lens, S)
+            self.truncated += int((keep_p < prompt_lens).any() or (keep_r < lens - prompt_lens).any())
+            fill = 0
+            for j, a in enumerate(bounds[:-1]):
+                p0 = a + prompt_lens[j] - keep_p[j]
+                seg = np.r_[p0 : a + prompt_lens[j], a + prompt_lens[j] : a + prompt_lens[j] + keep_r[j]]
+                end = fill + len(seg)
+                tokens[r, fill:end], mask[r, fill:end], rank[r, fill:end] = ids[seg], msk[seg], ranks[j]
+                start[r, fill] = True
+                fill = end
+            fills[r] = fill
+            margin[r] = float_bits(float(marg[0]) if len(marg) else 0.0)
+            sample_id[r] = sid
+        out = _conv_batch(tokens, mask, start, fills)
+        out["seq_rank"] = rank[:, :S]
+        out["margin"] = margin
+        out["sample_id"] = sample_id
+        return out
+
+    def state(self) -> dict:
+        return self._conv.state()
+
+
+class PromptPacker:
+    """One prompt per row, right-padded (module docstring)."""
 
     def __init__(self, cursor: SampleCursor, seq_len: int, pad_id: int, *, done: bool = False) -> None:
         self._conv = ConvPacker(cursor, seq_len, pad_id, pack=False, done=done)
@@ -252,17 +346,19 @@ class PrefPacker:
 
     def rows(self, n: int) -> dict[str, np.ndarray]:
         S = self.S
-        out: dict[str, np.ndarray] = {}
-        items = [self._conv.take() for _ in range(n)]
-        for side, fields in (("chosen_", slice(0, 2)), ("rejected_", slice(2, 4))):
-            tokens = np.full((n, S + 1), self.pad_id, dtype=np.int64)
-            mask = np.zeros((n, S + 1), dtype=np.uint8)
-            start = np.zeros((n, S + 1), dtype=bool)
-            fills = [
-                _place(tokens, mask, start, r, 0, it[1][fields]) if it is not None else 0 for r, it in enumerate(items)
-            ]
-            out.update(_conv_batch(tokens, mask, start, fills, side))
-        return out
+        tokens = np.full((n, S), self.pad_id, dtype=np.int64)
+        length = np.zeros((n, S), dtype=np.int64)
+        sample_id = np.full((n, S), -1, dtype=np.int64)
+        for r in range(n):
+            if self._conv.exhausted():
+                continue
+            sample_id[r] = self.cursor.last_id  # the pending record's id (see PrefPacker.rows)
+            item = self._conv.take()
+            assert item is not None
+            ids = item[1][0][-S:]
+            tokens[r, : len(ids)] = ids
+            length[r] = len(ids)
+        return {"input_ids": tokens, "prompt_len": length, "sample_id": sample_id}
 
     def state(self) -> dict:
         return self._conv.state()

@@ -32,13 +32,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from igpt.data.kinds import KIND_FIELDS, OTHER_FIELDS
+
 INDEX_VERSION = 1
-# Fields of one sample per data kind, in the order ``Shard.get`` returns them; token fields use the index dtype.
-KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "text": ("ids.bin",),
-    "sft": ("ids.bin", "mask.bin"),
-    "pref": ("chosen.bin", "chosen_mask.bin", "rejected.bin", "rejected_mask.bin"),
-}
 DEFAULT_PAD_ID = 1  # `<|pad|>` is id 1 in every igpt tokenizer (docs/internals.md, "Special tokens")
 
 
@@ -212,7 +208,8 @@ class Shard:
                 raise CorruptShardError(f"shard {name} is empty (0 bytes)", name)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         fields = KIND_FIELDS[kind]
-        self._dtypes = [np.dtype(np.uint8) if f.endswith("mask.bin") else dtype for f in fields]
+        self._dtypes = [np.dtype(OTHER_FIELDS[f]) if f in OTHER_FIELDS else dtype for f in fields]
+        self._token = [f not in OTHER_FIELDS for f in fields]
         keys: list[str] = []
         found: list[dict[str, tuple[int, int]]] = []
         for member, off, size in _scan_tar(self._mm, name):
@@ -247,7 +244,7 @@ class Shard:
                     )
                 self._offsets[j, i] = off
                 self._counts[j, i] = size // dt.itemsize
-        # Each mask has the length of the token field before it (ids/mask, chosen/chosen_mask, ...).
+        # Each mask has the length of the token field before it (ids.bin / mask.bin).
         for j, fname in enumerate(fields):
             if fname.endswith("mask.bin") and (self._counts[j] != self._counts[j - 1]).any():
                 i = int(np.nonzero(self._counts[j] != self._counts[j - 1])[0][0])
@@ -266,8 +263,8 @@ class Shard:
             for j, dt in enumerate(self._dtypes)
         )
         if self.vocab_size is not None:
-            for j, dt in enumerate(self._dtypes):
-                if dt.itemsize > 1 and len(out[j]) and int(out[j].max()) >= self.vocab_size:
+            for j, token in enumerate(self._token):
+                if token and len(out[j]) and int(out[j].max()) >= self.vocab_size:
                     raise CorruptShardError(
                         f"shard {self.info.name}: sample {self.keys[i]!r} has token id {int(out[j].max())} >= "
                         f"vocab_size {self.vocab_size}",
@@ -357,6 +354,7 @@ class SampleCursor:
         self.skip_corrupt = skip_corrupt
         self.epoch, self.unit, self.sample = epoch, unit, sample
         self.skipped: list[str] = []
+        self.last_id = -1
         self._units: np.ndarray | None = None
         self._order: np.ndarray | None = None
         self._bad: set[int] = set()  # shards of the current unit found corrupt (skip_corrupt)
@@ -432,4 +430,5 @@ class SampleCursor:
             loc = (self.epoch, self.unit, self.sample)
             self.sample += 1
             self._epoch_samples += 1
+            self.last_id = g  # the sample's global id in the split (index order), for per-sample side data
             return loc, arrays

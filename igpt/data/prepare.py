@@ -1,7 +1,7 @@
 """Tokenize text, chat or preference data into WebDataset shards with an ``index.json`` (docs/internals.md).
 
     python -m igpt.data.prepare input=<glob or comma list> output_dir=<dir> tokenizer=<file.json>
-        [kind=text|sft|pref] [val_fraction=0.05] [seq_len=<n>] [shard_tokens=1000000] [num_workers=<n>]
+        [kind=text|sft|pref|prompt] [val_fraction=0.05] [seq_len=<n>] [shard_tokens=1000000] [num_workers=<n>]
         [encoding=utf-8] [separator=<str>] [strip_gutenberg=false] [chunk_bytes=65536] [seed=1234] [overwrite=false]
 
 Samples (one per WebDataset key ``{shard:06d}_{index:08d}``, arrays raw little-endian, uint16 ids when the vocabulary
@@ -13,12 +13,15 @@ fits, else uint32; masks uint8):
 - kind=sft: ``ids.bin`` and ``mask.bin`` from ``igpt.data.chat.encode_chat``. With ``seq_len``, conversations longer
   than ``seq_len + 1`` tokens keep their start (and are counted in a warning); one left with no assistant token is
   dropped.
-- kind=pref: ``chosen.bin``, ``chosen_mask.bin``, ``rejected.bin``, ``rejected_mask.bin``: prompt + response, mask 1
-  on the response's assistant tokens incl. ``<|im_end|>``; truncated like sft.
+- kind=pref: ``ids.bin`` / ``mask.bin`` with the K sequences (prompt + response; mask 1 on the response's assistant
+  tokens incl. ``<|im_end|>``) back to back, ``lens.bin`` (their lengths), ``rank.bin`` and ``margin.bin``. A pair
+  is K = 2 with ranks [0, 1]. With ``seq_len`` the K sequences together fit ``seq_len`` tokens (the longest responses
+  are cut first, as the loader does; igpt.data.packing.fit_segments).
+- kind=prompt: ``ids.bin`` (the prompt through the generation prompt) and ``record.json`` (the record as given).
 
 ``bytes`` in the index is the UTF-8 size of the text each split holds: for text, the decoded documents (after
-header stripping, without separators); for sft and pref, the message contents of the stored sequences (pref: both
-sequences, so the prompt counts twice).
+header stripping, without separators); for sft and pref, the message contents of the stored sequences (pref: every
+sequence, so the prompt counts K times); for prompt, the prompt's contents.
 
 The train/val split is a seeded pseudo-random choice of samples (chunks, conversations or pairs) filling
 ``val_fraction`` of the bytes, so val is representative of the whole input; the order of samples in each split is a
@@ -56,14 +59,15 @@ from igpt.data.formats import (
     load_record,
     parse_args,
     parse_pref_record,
+    parse_prompt_record,
     parse_sft_record,
     read_text,
     split_documents,
     unescape,
 )
+from igpt.data.kinds import KINDS
 from igpt.data.tokenizer import load_tokenizer, resolve_tokenizer_path, vocab_size
 
-KINDS = ("text", "sft", "pref")
 TASK_CHARS = 1 << 20  # text per worker task
 TASK_RECORDS = 256  # JSONL lines per worker task
 INDEX_VERSION = 1
@@ -91,9 +95,8 @@ class _Encoder:
             out.append(({"ids.bin": self._ids([self.eot, *ids])}, len(ids) + 1, len(chunk.encode("utf-8")), ""))
         return out
 
-    def _conversation(self, messages: list[dict[str, str]], prompt_len: int = 0) -> tuple[list, list, int, str]:
+    def _conversation(self, messages: list[dict[str, str]]) -> tuple[list, list, int, str]:
         ids, mask = encode_chat(self.tok, messages)
-        mask[:prompt_len] = [0] * prompt_len
         nbytes = sum(len(m["content"].encode("utf-8")) for m in messages)
         status = ""
         if self.seq_len is not None and len(ids) > self.seq_len + 1:
@@ -111,20 +114,48 @@ class _Encoder:
                 arrays = {"ids.bin": self._ids(ids), "mask.bin": bytes(mask)}
                 out.append((arrays, len(ids), nbytes, status))
                 continue
-            prompt, chosen, rejected = parse_pref_record(obj, where)
-            prompt_len = len(encode_chat(self.tok, prompt)[0])
-            c_ids, c_mask, c_bytes, c_status = self._conversation(prompt + chosen, prompt_len)
-            r_ids, r_mask, r_bytes, r_status = self._conversation(prompt + rejected, prompt_len)
-            arrays = {
-                "chosen.bin": self._ids(c_ids),
-                "chosen_mask.bin": bytes(c_mask),
-                "rejected.bin": self._ids(r_ids),
-                "rejected_mask.bin": bytes(r_mask),
-            }
-            statuses = {c_status, r_status}
-            status = "dropped" if "dropped" in statuses else "truncated" if "truncated" in statuses else ""
-            out.append((arrays, len(c_ids) + len(r_ids), c_bytes + r_bytes, status))
+            if kind == "prompt":
+                out.append(self._prompt(obj, where))
+            else:
+                out.append(self._pref(parse_pref_record(obj, where)))
         return out
+
+    def _prompt(self, obj: dict[str, Any], where: str) -> Sample:
+        messages = parse_prompt_record(obj, where)
+        ids, _ = encode_chat(self.tok, messages, add_generation_prompt=True)
+        nbytes = sum(len(m["content"].encode("utf-8")) for m in messages)
+        record = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return {"ids.bin": self._ids(ids), "record.json": record}, len(ids), nbytes, ""
+
+    def _pref(self, rec) -> Sample:
+        from igpt.data.packing import fit_segments
+
+        prompt_len = len(encode_chat(self.tok, rec.prompt)[0])
+        seqs = []
+        for response in rec.responses:
+            ids, mask = encode_chat(self.tok, rec.prompt + response)
+            mask[:prompt_len] = [0] * prompt_len
+            seqs.append((ids, mask))
+        lens = np.array([len(ids) for ids, _ in seqs], dtype=np.int64)
+        status = ""
+        if self.seq_len is not None:
+            prompts = np.full(len(seqs), prompt_len, dtype=np.int64)
+            keep_p, keep_r = fit_segments(lens, prompts, self.seq_len)
+            if (keep_p < prompts).any() or (keep_r < lens - prompts).any():
+                status = "truncated"
+                seqs = [(ids[prompt_len - p : prompt_len + r], mask[prompt_len - p : prompt_len + r])
+                        for (ids, mask), p, r in zip(seqs, keep_p, keep_r)]
+                lens = np.array([len(ids) for ids, _ in seqs], dtype=np.int64)
+        all_ids = [i for ids, _ in seqs for i in ids]
+        nbytes = sum(len(self.tok.decode(ids, skip_special_tokens=True).encode("utf-8")) for ids, _ in seqs)
+        arrays = {
+            "ids.bin": self._ids(all_ids),
+            "mask.bin": bytes(m for _, mask in seqs for m in mask),
+            "lens.bin": lens.astype("<u4").tobytes(),
+            "rank.bin": np.asarray(rec.ranking, dtype="<i4").tobytes(),
+            "margin.bin": np.asarray([rec.margin], dtype="<f4").tobytes(),
+        }
+        return arrays, len(all_ids), nbytes, status
 
 
 _WORKER: _Encoder | None = None

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from igpt.config import ModelConfig
 from igpt.model.attention import AttentionInfo, attention, attention_info, decode_attention
 from igpt.model.kv_cache import KVCache
-from igpt.model.loss import IGNORE_INDEX, lm_loss
+from igpt.model.loss import IGNORE_INDEX
+from igpt.model.outputs import Logits, Output, TokenLoss, Values
 
 
 class RMSNorm(nn.Module):
@@ -146,28 +147,47 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+HEADS = ("lm", "scalar")
+
+
 class Transformer(nn.Module):
     """The decoder. ``attention`` picks the attention backend (sdpa | flash | triton), ``loss`` the loss backend
     (torch | triton); resolve them for the device first with ``resolve_attention_backend`` / ``resolve_loss_backend``.
+
+    ``head`` is ``"lm"`` (``lm_head``, ``(dim -> vocab)``: a language model) or ``"scalar"`` (``score``, ``(dim -> 1)``
+    without bias: a reward model or a critic, Hugging Face's ``LlamaForSequenceClassification`` layout). The scalar
+    head starts from N(0, 1/(dim + 1)), the reward-model initialisation of Stiennon et al. 2020 and InstructGPT.
     """
 
-    def __init__(self, cfg: ModelConfig, attention: str = "sdpa", loss: str = "torch") -> None:
+    def __init__(self, cfg: ModelConfig, attention: str = "sdpa", loss: str = "torch", head: str = "lm") -> None:
         super().__init__()
         if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads or (cfg.dim // cfg.n_heads) % 2:
             raise ValueError(
                 f"model: dim ({cfg.dim}) must split into n_heads ({cfg.n_heads}) heads of even size, and n_heads "
                 f"must be a multiple of n_kv_heads ({cfg.n_kv_heads})"
             )
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: expected one of {', '.join(HEADS)}")
         self.cfg = cfg
+        self.head = head
+        self.value_offset = 0.0  # added to the scalar head's output (a trained reward model's normalisation)
         self.attention_backend = attention
         self.loss_backend = loss
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if head == "lm":
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.score = nn.Linear(cfg.dim, 1, bias=False)
         self.init_weights()
+
+    @property
+    def tied(self) -> bool:
+        """True when ``lm_head.weight`` is ``embed_tokens.weight``."""
+        return self.head == "lm" and self.cfg.tie_embeddings
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -175,7 +195,7 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
-        if not self.cfg.tie_embeddings:
+        if self.head == "lm" and not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
         for block in self.layers:
             for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
@@ -187,6 +207,13 @@ class Transformer(nn.Module):
             block.input_layernorm.reset_parameters()
             block.post_attention_layernorm.reset_parameters()
         self.norm.reset_parameters()
+        if self.head == "scalar":
+            self.init_score()
+
+    @torch.no_grad()
+    def init_score(self, generator: torch.Generator | None = None) -> None:
+        """Draw the scalar head from N(0, 1/(dim + 1)) (a reward model's head, also when the body is loaded)."""
+        nn.init.normal_(self.score.weight, mean=0.0, std=1.0 / math.sqrt(self.cfg.dim + 1), generator=generator)
 
     def forward(
         self,
@@ -197,8 +224,12 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """Logits ``(B, S, V)``, or with ``labels`` ``(B, S)`` the fp32 cross-entropy (never the logits).
+        output: Output | None = None,
+    ):
+        """Run the decoder, then ``output`` (``igpt.model.outputs``) on the final hidden states, inside this forward.
+
+        Without ``output``: logits ``(B, S, V)`` for an LM head, values ``(B, S)`` for a scalar head; with ``labels``
+        ``(B, S)`` the fp32 cross-entropy (``TokenLoss``, never the logits).
 
         ``position_ids`` ``(B, S)`` are the RoPE positions and, without a cache, also the document boundaries: a token
         attends only to earlier tokens of its own document (doc id = ``cumsum(position_ids == 0)``). None: plain
@@ -230,16 +261,12 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(s)
         x = self.norm(x)  # (B, S, dim)
-        if labels is None:
-            if logits_to_keep > 0:
-                x = x[:, -logits_to_keep:]  # (B, logits_to_keep, dim)
-            return self.lm_head(x)  # (B, S, V)
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        loss = lm_loss(
-            x.reshape(b * s, -1), self.lm_head.weight, labels.reshape(b * s), self.loss_backend, reduction
-        )  # () or (B*S,)
-        return loss if reduction == "sum" else loss.reshape(b, s)  # () or (B, S)
+        if output is None:
+            if labels is not None:
+                output = TokenLoss(labels, reduction)
+            else:
+                output = Values() if self.head == "scalar" else Logits(logits_to_keep)
+        return output(self, x)
 
 
 __all__ = ["Attention", "Block", "IGNORE_INDEX", "MLP", "RMSNorm", "Transformer", "apply_rope", "rope_cos_sin"]

@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from igpt.config import StrategyConfig
-from igpt.parallel.base import Strategy
+from igpt.parallel.base import Strategy, Wrapped
 
 _STRATEGIES = {
     "single": ("igpt.parallel.base", "Strategy"),
@@ -29,4 +29,4 @@ def build_strategy(cfg: StrategyConfig, precision: str, device: torch.device) ->
     return klass(cfg, precision, device)
 
 
-__all__ = ["Strategy", "build_strategy"]
+__all__ = ["Strategy", "Wrapped", "build_strategy"]

@@ -1,8 +1,13 @@
-"""The strategy interface: how a model and its optimizer are spread over processes.
+"""The strategy interface: how models and their optimizers are spread over processes.
 
 A strategy is applied from outside the model, in one place (torchtitan's ``parallelize`` idea): activation
-checkpointing, then ``torch.compile``, then the data-parallel wrapper. The trainer only talks to this interface, so
-``strategy=single|ddp|fsdp|zero1|zero2|zero3`` changes nothing else.
+checkpointing, then ``torch.compile``, then the data-parallel wrapper. The trainer and the stages only talk to this
+interface, so ``strategy=single|ddp|fsdp|zero1|zero2|zero3`` changes nothing else.
+
+A strategy keeps no "current" model: ``wrap_model(model, optim_cfg)`` places one model and returns a :class:`Wrapped`
+handle, as many times as a stage needs (a policy and its frozen reference; PPO's actor, critic, reference and reward
+model). A trainable handle owns its optimizer, backward, gradient synchronisation, clipping, step and checkpoint
+files; a frozen one (``optim_cfg=None``) is sharded the same way, in eval mode, without gradients or optimizer state.
 
 Gradient convention: the trainer calls ``backward(loss)`` with ``loss = sum_loss * world_size / global_tokens`` for
 every micro-batch; every strategy averages gradients over ranks, so the accumulated gradient is exactly that of the
@@ -15,6 +20,7 @@ import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,47 +69,41 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[i] = checkpoint_wrapper(block)
 
 
-class Strategy:
-    """Single-process strategy; the others subclass it and override what differs."""
+class Wrapped:
+    """One model as a strategy placed it (single process): call it like the model; trainable when it has an optimizer.
 
-    name = "single"
-    #: parameters are sharded: every rank must take part in every forward (eval, generation)
-    sharded = False
+    Subclasses override what their wrapper changes. ``model`` is what forward passes go through (a DDP wrapper or a
+    DeepSpeed engine, say), ``module`` the plain ``Transformer`` (for state dicts and attributes).
+    """
 
-    def __init__(self, cfg: StrategyConfig, precision: str, device: torch.device) -> None:
-        self.cfg = cfg
-        self.precision = precision
-        self.device = device
-        self.rank, self.world_size, self.local_rank = init_distributed(device, cfg.timeout_s)
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+    def __init__(
+        self, strategy: Strategy, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        self.strategy = strategy
+        self.name = name
+        self.model = model
+        self.optimizer = optimizer
+        if optimizer is None:
+            self.module.requires_grad_(False)
+            self.module.eval()
 
-    # ---- setup -----------------------------------------------------------------------------------------------
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Activation checkpointing and compile, the parts every strategy shares, applied in this order."""
-        if self.cfg.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if self.cfg.compile:
-            for block in model.layers:
-                block.compile()  # in place: state-dict keys stay those of the plain model
-        return model
-
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = self.prepare_model(model.to(self.device))
-        self.model, self.optimizer = model, build_adamw(model, optim_cfg)
-        return self.model, self.optimizer
+    @property
+    def trainable(self) -> bool:
+        return self.optimizer is not None
 
     @property
     def module(self) -> nn.Module:
-        """The plain model (for generation and state dicts)."""
-        assert self.model is not None
-        return self.model
+        return _unwrap(self.model)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast around forward passes when precision=bf16 (sharded strategies use their own policies)."""
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> None:
+        """Training mode for a trainable model; a frozen one stays in eval mode."""
+        self.model.train(mode and self.trainable)
+
+    def eval(self) -> None:
+        self.model.eval()
 
     # ---- step --------------------------------------------------------------------------------------------------
     def no_sync(self, last_micro: bool) -> contextlib.AbstractContextManager:
@@ -117,7 +117,7 @@ class Strategy:
         """Clip gradients to ``max_norm`` (0: no clipping), step the optimizer unless ``skip``, zero gradients.
 
         Returns the total gradient norm before clipping."""
-        assert self.model is not None and self.optimizer is not None
+        assert self.optimizer is not None, f"model {self.name!r} is frozen"
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         if not skip:
@@ -126,9 +126,99 @@ class Strategy:
         return float(norm)
 
     def set_lr(self, lr: float) -> None:
-        assert self.optimizer is not None
+        assert self.optimizer is not None, f"model {self.name!r} is frozen"
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    # ---- whole weights ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        """A plain module with full weights for many forward passes in a row (generation, rollouts).
+
+        Sharded strategies gather the weights once for the whole block instead of once per forward (collective: every
+        rank enters it). Forward passes inside run without gradients."""
+        with torch.no_grad():
+            yield self.module
+
+    @contextlib.contextmanager
+    def full_param(self, name: str) -> Iterator[torch.Tensor]:
+        """The full (unsharded) value of parameter ``name`` of the plain model, read-only (collective)."""
+        yield self.module.get_parameter(name).detach()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) weights on CPU; on rank 0 at least (other ranks may get an empty dict). Collective."""
+        return {k: v.detach().to("cpu") for k, v in self.module.state_dict().items()}
+
+    # ---- checkpoint ------------------------------------------------------------------------------------------
+    def save(self, ckpt_dir: str) -> list[str]:
+        """Write weights and optimizer state into ``ckpt_dir``; return the names written (relative to it)."""
+        from safetensors.torch import save_file
+
+        from igpt.checkpoint import savable_state
+
+        assert self.optimizer is not None, f"model {self.name!r} is frozen: nothing to checkpoint"
+        if self.strategy.rank == 0:
+            state = savable_state(self.module, self.full_state_dict())
+            save_file(state, os.path.join(ckpt_dir, "model.safetensors"), metadata={"format": "pt"})
+            torch.save(self.optimizer.state_dict(), os.path.join(ckpt_dir, "optimizer.pt"))
+        return ["model.safetensors", "optimizer.pt"]
+
+    def load(self, ckpt_dir: str, meta: dict[str, Any]) -> None:
+        """Restore weights and optimizer state written by ``save`` (any strategy's consolidated weights)."""
+        from igpt.checkpoint import load_weights, read_model_state
+
+        assert self.optimizer is not None, f"model {self.name!r} is frozen: nothing to resume"
+        load_weights(self.module, read_model_state(ckpt_dir), ckpt_dir)
+        path = os.path.join(ckpt_dir, "optimizer.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path}: optimizer state missing; this checkpoint was written by strategy={meta.get('strategy')} "
+                "(resume under the strategy that wrote it, or start a new run with init_from=)"
+            )
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.strategy.device, weights_only=True))
+
+
+class Strategy:
+    """Single-process strategy; the others subclass it (and :class:`Wrapped`) and override what differs."""
+
+    name = "single"
+    #: parameters are sharded: every rank must take part in every forward (eval, generation)
+    sharded = False
+    wrapped_class: type[Wrapped] = Wrapped
+
+    def __init__(self, cfg: StrategyConfig, precision: str, device: torch.device) -> None:
+        self.cfg = cfg
+        self.precision = precision
+        self.device = device
+        self.rank, self.world_size, self.local_rank = init_distributed(device, cfg.timeout_s)
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:
+        """Activation checkpointing and compile, the parts every strategy shares, applied in this order."""
+        if self.cfg.activation_checkpointing and trainable:
+            apply_activation_checkpointing(model)
+        if self.cfg.compile:
+            for block in model.layers:
+                block.compile()  # in place: state-dict keys stay those of the plain model
+        return model
+
+    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
+        """Place ``model``: trainable with an AdamW built from ``optim_cfg``, or frozen when it is None."""
+        model = self.prepare_model(model.to(self.device), trainable=optim_cfg is not None)
+        optimizer = build_adamw(model, optim_cfg) if optim_cfg is not None else None
+        return self.wrapped_class(self, name, model, optimizer)
+
+    def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """One trainable model: ``(model to call, optimizer)`` (``wrap_model`` gives the whole handle)."""
+        handle = self.wrap_model(model, optim_cfg)
+        assert handle.optimizer is not None
+        return handle.model, handle.optimizer
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around forward passes when precision=bf16 (sharded strategies use their own policies)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # ---- collectives ------------------------------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -153,38 +243,6 @@ class Strategy:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
-
-    # ---- state -------------------------------------------------------------------------------------------------
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unsharded) model weights on CPU; on rank 0 at least (other ranks may get an empty dict)."""
-        return {k: v.detach().to("cpu") for k, v in _unwrap(self.module).state_dict().items()}
-
-    def save(self, ckpt_dir: str) -> list[str]:
-        """Write model and optimizer state into ``ckpt_dir``; return the files written (relative names)."""
-        from safetensors.torch import save_file
-
-        assert self.optimizer is not None
-        from igpt.checkpoint import savable_state
-
-        if self.rank == 0:
-            state = savable_state(_unwrap(self.module), self.model_state_dict())
-            save_file(state, os.path.join(ckpt_dir, "model.safetensors"), metadata={"format": "pt"})
-            torch.save(self.optimizer.state_dict(), os.path.join(ckpt_dir, "optimizer.pt"))
-        return ["model.safetensors", "optimizer.pt"]
-
-    def load(self, ckpt_dir: str) -> None:
-        """Restore model and optimizer state written by ``save`` (any strategy's consolidated format)."""
-        from igpt.checkpoint import load_weights, read_model_state
-
-        assert self.optimizer is not None
-        load_weights(_unwrap(self.module), read_model_state(ckpt_dir), ckpt_dir)
-        path = os.path.join(ckpt_dir, "optimizer.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path}: optimizer state missing; this checkpoint was written by another strategy "
-                "(resume under the strategy that wrote it, or start a new run with init_from=)"
-            )
-        self.optimizer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def teardown(self) -> None:
         if dist.is_initialized():

@@ -1,34 +1,35 @@
-"""DistributedDataParallel: full replicas, gradients all-reduced (averaged) across ranks."""
+"""DistributedDataParallel: full replicas, gradients all-reduced (averaged) across ranks.
+
+A frozen model (a reference or reward model) is a plain replica on every rank: it has no gradients to reduce.
+"""
 
 from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from igpt.config import OptimConfig
-from igpt.parallel.base import Strategy, build_adamw
+from igpt.parallel.base import Strategy, Wrapped, build_adamw
 
 
-class DDPStrategy(Strategy):
-    name = "ddp"
-
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = self.prepare_model(model.to(self.device))
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
-        self.model, self.optimizer = model, build_adamw(model, optim_cfg)
-        return self.model, self.optimizer
-
-    @property
-    def module(self) -> nn.Module:
-        assert self.model is not None
-        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-
+class DDPWrapped(Wrapped):
     def no_sync(self, last_micro: bool) -> contextlib.AbstractContextManager:
         if last_micro or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+    wrapped_class = DDPWrapped
+
+    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
+        trainable = optim_cfg is not None
+        model = self.prepare_model(model.to(self.device), trainable=trainable)
+        if trainable and self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        optimizer = build_adamw(model, optim_cfg) if trainable else None
+        return DDPWrapped(self, name, model, optimizer)

@@ -16,6 +16,11 @@ Checkpoints go through ``torch.distributed.checkpoint`` (DCP): ``<ckpt>/model/``
 model's state-dict keys, ``<ckpt>/optim/`` the optimizer state keyed by parameter name. Both reshard on load, so a run
 resumes at any world size, and ``igpt.checkpoint.read_model_state`` reads the weights in one process without a
 process group (generate, export, ``init_from``).
+
+Frozen models (a DPO reference, PPO's reference and reward model) are sharded the same way, without gradients or
+optimizer state. For many forward passes in a row (generation, rollouts) ``Wrapped.gathered`` unshards the root once and
+keeps every block unsharded until the block ends, instead of re-gathering every block on every forward (measured on 2
+gloo ranks, 20 decode-like forwards of a 4-block model: 319 ms -> 50 ms, identical outputs).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,11 +42,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
 from igpt.config import OptimConfig, StrategyConfig
-from igpt.parallel.base import Strategy, build_adamw
+from igpt.parallel.base import Strategy, Wrapped, build_adamw
 
 log = logging.getLogger("igpt")
 
@@ -65,49 +71,12 @@ def init_single_process_group(device: torch.device) -> None:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-class FSDPStrategy(Strategy):
-    name = "fsdp"
-    sharded = True
+class FSDPWrapped(Wrapped):
+    reshard_after_forward: dict[int, bool]  # per FSDP module (id): its setting outside ``gathered``
 
-    def __init__(self, cfg: StrategyConfig, precision: str, device: torch.device) -> None:
-        super().__init__(cfg, precision, device)
-        init_single_process_group(device)
-        param_name = cfg.param_dtype if cfg.param_dtype is not None else ("bf16" if precision == "bf16" else None)
-        self.param_dtype = _dtype(param_name, "strategy.param_dtype")
-        self.reduce_dtype = _dtype(cfg.reduce_dtype, "strategy.reduce_dtype")
-
-    # ---- setup -----------------------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = self.prepare_model(model.to(self.device))
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        kwargs: dict = {
-            "mesh": mesh,
-            "mp_policy": MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype),
-        }
-        if self.cfg.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-        n = len(model.layers)
-        for i, block in enumerate(model.layers):
-            # the last block's parameters would be gathered again at once by the backward: keep them (torchtitan)
-            fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward and i < n - 1, **kwargs)
-        fully_shard(model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
-        self.model, self.optimizer = model, build_adamw(model, optim_cfg)
-        log.info(
-            "fsdp: %d blocks + root sharded over %d ranks (param_dtype=%s, reduce_dtype=%s, cpu_offload=%s, "
-            "reshard_after_forward=%s)", n, self.world_size, self.param_dtype, self.reduce_dtype,
-            self.cfg.cpu_offload, self.cfg.reshard_after_forward,
-        )
-        return self.model, self.optimizer
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """A no-op: the MixedPrecisionPolicy casts parameters for compute (autocast would fight it)."""
-        return contextlib.nullcontext()
-
-    # ---- step --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def no_sync(self, last_micro: bool) -> Iterator[None]:
         """Accumulate unsharded gradients locally; reduce-scatter only in the last micro-batch's backward."""
-        assert self.model is not None
         self.model.set_requires_gradient_sync(last_micro)
         try:
             yield
@@ -115,7 +84,7 @@ class FSDPStrategy(Strategy):
             self.model.set_requires_gradient_sync(True)
 
     def clip_and_step(self, max_norm: float, skip: bool = False) -> float:
-        assert self.model is not None and self.optimizer is not None
+        assert self.optimizer is not None, f"model {self.name!r} is frozen"
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         if isinstance(norm, DTensor):  # the norm of sharded gradients is a replicated DTensor
@@ -125,30 +94,47 @@ class FSDPStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    # ---- state -------------------------------------------------------------------------------------------------
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        fsdp_modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in fsdp_modules:
+            m.set_reshard_after_forward(False, recurse=False)
+        self.model.unshard()  # the root now; each block at its first forward, then kept until the end
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            for m in fsdp_modules:
+                m.reshard()
+                m.set_reshard_after_forward(self.reshard_after_forward[id(m)], recurse=False)
+
+    @contextlib.contextmanager
+    def full_param(self, name: str) -> Iterator[torch.Tensor]:
+        p = self.model.get_parameter(name)
+        yield p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights on CPU on rank 0 (empty elsewhere). Collective: every rank must call it."""
-        assert self.model is not None
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=opts)
 
     def save(self, ckpt_dir: str) -> list[str]:
         """Every rank writes its shards: ``model/`` (plain model keys) and ``optim/`` (keyed by parameter name)."""
-        assert self.model is not None and self.optimizer is not None
+        assert self.optimizer is not None, f"model {self.name!r} is frozen: nothing to checkpoint"
         dcp.save(get_model_state_dict(self.model), checkpoint_id=os.path.join(ckpt_dir, "model"))
         osd = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.save({"optim": osd}, checkpoint_id=os.path.join(ckpt_dir, "optim"))
         return ["model", "optim"]
 
-    def load(self, ckpt_dir: str) -> None:
+    def load(self, ckpt_dir: str, meta: dict[str, Any]) -> None:
         """Restore weights and optimizer state written by ``save`` at any world size (DCP reshards on load)."""
-        assert self.model is not None and self.optimizer is not None
+        assert self.optimizer is not None, f"model {self.name!r} is frozen: nothing to resume"
         model_dir, optim_dir = os.path.join(ckpt_dir, "model"), os.path.join(ckpt_dir, "optim")
         if not os.path.isdir(model_dir) or not os.path.isdir(optim_dir):
             raise FileNotFoundError(
                 f"{ckpt_dir}: strategy=fsdp resumes from its own sharded checkpoints (model/ and optim/ written by "
-                "torch.distributed.checkpoint); this one was written by another strategy. Resume under that "
-                f"strategy, or start a new run from its weights with init_from={ckpt_dir}"
+                f"torch.distributed.checkpoint); this one was written by strategy={meta.get('strategy')}. Resume under "
+                f"that strategy, or start a new run from its weights with init_from={ckpt_dir}"
             )
         msd = get_model_state_dict(self.model)
         dcp.load(msd, checkpoint_id=model_dir)
@@ -156,3 +142,51 @@ class FSDPStrategy(Strategy):
         osd = {"optim": get_optimizer_state_dict(self.model, self.optimizer)}
         dcp.load(osd, checkpoint_id=optim_dir)
         set_optimizer_state_dict(self.model, self.optimizer, osd["optim"])
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+    sharded = True
+    wrapped_class = FSDPWrapped
+
+    def __init__(self, cfg: StrategyConfig, precision: str, device: torch.device) -> None:
+        super().__init__(cfg, precision, device)
+        init_single_process_group(device)
+        param_name = cfg.param_dtype if cfg.param_dtype is not None else ("bf16" if precision == "bf16" else None)
+        self.param_dtype = _dtype(param_name, "strategy.param_dtype")
+        self.reduce_dtype = _dtype(cfg.reduce_dtype, "strategy.reduce_dtype")
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
+        trainable = optim_cfg is not None
+        if not trainable:
+            model.requires_grad_(False)
+        model = self.prepare_model(model.to(self.device), trainable=trainable)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kwargs: dict = {
+            "mesh": mesh,
+            "mp_policy": MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype),
+        }
+        if self.cfg.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        n = len(model.layers)
+        reshard: dict[int, bool] = {}
+        for i, block in enumerate(model.layers):
+            # the last block's parameters would be gathered again at once by the backward: keep them (torchtitan)
+            reshard[id(block)] = self.cfg.reshard_after_forward and i < n - 1
+            fully_shard(block, reshard_after_forward=reshard[id(block)], **kwargs)
+        reshard[id(model)] = self.cfg.reshard_after_forward
+        fully_shard(model, reshard_after_forward=reshard[id(model)], **kwargs)
+        optimizer = build_adamw(model, optim_cfg) if trainable else None
+        log.info(
+            "fsdp: %s model %r, %d blocks + root sharded over %d ranks (param_dtype=%s, reduce_dtype=%s, "
+            "cpu_offload=%s, reshard_after_forward=%s)", "trainable" if trainable else "frozen", name, n,
+            self.world_size, self.param_dtype, self.reduce_dtype, self.cfg.cpu_offload, self.cfg.reshard_after_forward,
+        )
+        wrapped = FSDPWrapped(self, name, model, optimizer)
+        wrapped.reshard_after_forward = reshard
+        return wrapped
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A no-op: the MixedPrecisionPolicy casts parameters for compute (autocast would fight it)."""
+        return contextlib.nullcontext()

@@ -1,24 +1,43 @@
-"""Training stages: each turns a batch into a summed loss and its token count.
+"""Training stages: the one place that names them, the data kind each reads and whether it uses the chat template.
 
-One file per stage (pretrain, sft; rm, dpo and ppo follow the same interface). The trainer normalises the summed
-loss by the number of loss tokens in the *global* batch, so every token weighs the same whatever the world size or
-how padding falls across micro-batches.
+A stage (``igpt/stages/<name>.py``, interface in ``igpt.stages.base``) declares the models it needs by role, turns
+batches into a summed loss with its count and metric sums, and owns its evaluation; the trainer runs the loop for
+every stage and strategy. This module imports nothing heavy, so the data tools and the config schema can read it.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
-from igpt.stages.base import Stage, StageOutput
+
+@dataclass(frozen=True)
+class StageInfo:
+    name: str
+    kind: str  # the prepared data kind (igpt.data.kinds) it reads from data.dir
+    chat: bool  # trained on chat-template data: its checkpoints generate with the chat template
 
 
-def build_stage(cfg) -> Stage:
-    """The stage named by ``stage.name`` (igpt/stages/<name>.py defines ``STAGE``)."""
-    try:
-        module = importlib.import_module(f"igpt.stages.{cfg.name}")
-    except ModuleNotFoundError as e:
-        raise ValueError(f"stage.name={cfg.name!r}: no such stage (igpt/stages/{cfg.name}.py)") from e
+STAGES: dict[str, StageInfo] = {
+    s.name: s
+    for s in (
+        StageInfo("pretrain", "text", chat=False),
+        StageInfo("sft", "sft", chat=True),
+        StageInfo("rm", "pref", chat=True),
+        StageInfo("dpo", "pref", chat=True),
+        StageInfo("ppo", "prompt", chat=True),
+    )
+}
+CHAT_STAGES: tuple[str, ...] = tuple(name for name, s in STAGES.items() if s.chat)
+
+
+def build_stage(cfg):
+    """The stage named by ``cfg.stage.name`` (``igpt/stages/<name>.py`` defines ``STAGE``) for the whole ``Config``."""
+    name = cfg.stage.name
+    if name not in STAGES:
+        raise ValueError(f"stage.name={name!r}: expected one of {', '.join(STAGES)}")
+    module = importlib.import_module(f"igpt.stages.{name}")
     return module.STAGE(cfg)
 
 
-__all__ = ["Stage", "StageOutput", "build_stage"]
+__all__ = ["CHAT_STAGES", "STAGES", "StageInfo", "build_stage"]

@@ -4,8 +4,7 @@ from igpt.stages.base import Stage
 
 
 class PretrainStage(Stage):
-    kind = "text"
-    chat = False
+    name = "pretrain"
 
 
 STAGE = PretrainStage

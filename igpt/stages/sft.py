@@ -8,8 +8,7 @@ from igpt.stages.base import Stage
 
 
 class SFTStage(Stage):
-    kind = "sft"
-    chat = True
+    name = "sft"
 
 
 STAGE = SFTStage

@@ -1,4 +1,5 @@
-"""Export an igpt checkpoint to the Hugging Face ``LlamaForCausalLM`` format.
+"""Export an igpt checkpoint to the Hugging Face ``LlamaForCausalLM`` format (``LlamaForSequenceClassification``
+with one label for a reward model).
 
     python -m igpt.export checkpoint=<checkpoint or run dir> output=<dir>
 
@@ -9,7 +10,10 @@ writes into ``output``:
 - ``model.safetensors``: the weights under HF names. igpt's names already equal HF Llama's below ``model.`` (see
   ``igpt/model/transformer.py``) and its RoPE uses HF's rotate-half convention, so export only adds the ``model.``
   prefix: no permutation of q/k rows (unlike Meta's original checkpoints, which HF's converter must permute). With tied
-  embeddings ``lm_head.weight`` is left out and ``tie_word_embeddings: true`` makes HF tie it on load.
+  embeddings ``lm_head.weight`` is left out and ``tie_word_embeddings: true`` makes HF tie it on load. A reward model's
+  scalar head is HF's ``score.weight`` (``num_labels: 1``); HF reads it at the last non-padding token, the token igpt
+  reads it at. Its normalisation (the mean reward of preferred train responses, which igpt subtracts when it loads the
+  model) is written as ``igpt_reward_mean`` in config.json: subtract it from HF's logits to get igpt's rewards.
 - ``generation_config.json``: stop at ``<|im_end|>`` or ``<|endoftext|>``.
 - ``tokenizer.json`` (the checkpoint's, unchanged), ``tokenizer_config.json`` with a Jinja ``chat_template`` that
   renders igpt's chat format (docs/internals.md), and ``special_tokens_map.json``, so
@@ -53,8 +57,8 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """igpt state dict -> HF ``LlamaForCausalLM`` names (fp32, contiguous; ``lm_head`` dropped when tied)."""
     out = {}
     for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
-            if model.cfg.tie_embeddings:
+        if key in ("lm_head.weight", "score.weight"):
+            if model.tied:
                 continue
             out[key] = value
         else:
@@ -66,6 +70,10 @@ def hf_config(model: Transformer, tokenizer: Any, chat: bool) -> dict[str, Any]:
     """The ``config.json`` of a ``LlamaForCausalLM`` with ``model``'s shapes."""
     cfg = model.cfg
     eot, pad, im_end = (tokenizer.token_to_id(t) for t in (EOT, PAD, IM_END))
+    head = {}
+    if model.head == "scalar":
+        head = {"architectures": ["LlamaForSequenceClassification"], "num_labels": 1, "id2label": {"0": "reward"},
+                "label2id": {"reward": 0}, "igpt_reward_mean": -float(model.value_offset)}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -91,6 +99,7 @@ def hf_config(model: Transformer, tokenizer: Any, chat: bool) -> dict[str, Any]:
         "pad_token_id": pad,
         "torch_dtype": "float32",
         "use_cache": True,
+        **head,
     }
 
 
@@ -135,7 +144,7 @@ def export(checkpoint: str, output: str, chat: bool | None = None) -> str:
             "chat_template": CHAT_TEMPLATE,
         },
     )
-    log.info("exported %s to %s (LlamaForCausalLM, %s)", ckpt, output, "chat" if chat else "base")
+    log.info("exported %s to %s (%s, %s)", ckpt, output, config["architectures"][0], "chat" if chat else "base")
     return output
 
 

@@ -32,6 +32,21 @@ STOP_TOKENS = (IM_END, EOT)
 Prompt = str | list[dict[str, str]]
 
 
+# ----------------------------------------------------------------------------------------------------------- batching
+def positions_from_mask(real: torch.Tensor) -> torch.Tensor:
+    """``position_ids`` ``(B, T)`` for rows whose real tokens (``real`` True) are contiguous, with padding on either
+    side: real tokens count 0, 1, ...; every padding token is a one-token document of its own (position 0), so the
+    model's document masking keeps padding and real tokens apart and a row computes what it would unpadded."""
+    return torch.where(real, torch.cumsum(real.long(), dim=-1) - 1, torch.zeros_like(real, dtype=torch.long))
+
+
+def last_real_index(real: torch.Tensor) -> torch.Tensor:
+    """Index ``(B,)`` of each row's last real token (``real`` ``(B, T)`` bool, at least one real token per row)."""
+    cols = torch.arange(real.shape[-1], device=real.device).expand_as(real)
+    return torch.where(real, cols, torch.full_like(cols, -1)).max(dim=-1).values
+
+
+# ----------------------------------------------------------------------------------------------------------- sampling
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits ``(B, V)`` outside the top-k / nucleus (top-p) set to -inf; the most likely token always stays."""
     if top_k > 0 and top_k < logits.shape[-1]:

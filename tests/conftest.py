@@ -106,3 +106,19 @@ TINY = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
     "model.vocab_size=384", "model.max_seq_len=64", "trainer.seq_len=64",
 ]
+
+
+@pytest.fixture(scope="session")
+def prepared_pref_dir(tmp_path_factory, tokenizer_file) -> str:
+    """Synthetic preferences with a learnable rule (igpt.data.prefs): 600 pairs and 150 K=3 rankings, kind=pref."""
+    from igpt.data.prefs import synthetic
+
+    root = tmp_path_factory.mktemp("pref")
+    synthetic(str(root / "pairs.jsonl"), n=600, k=2, seed=5)
+    synthetic(str(root / "kwise.jsonl"), n=150, k=3, seed=6)
+    out = str(root / "prepared")
+    run_module(
+        "-m", "igpt.data.prepare", f"input={root}/pairs.jsonl,{root}/kwise.jsonl", f"output_dir={out}",
+        f"tokenizer={tokenizer_file}", "kind=pref", "val_fraction=0.15", "shard_tokens=6000",
+    )
+    return out

@@ -35,12 +35,13 @@ def write_checkpoint(run_dir: str, model: Transformer, tokenizer_file: str, stag
     ckpt = os.path.join(run_dir, "checkpoints", "step_0000010")
     os.makedirs(ckpt, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+    if model.tied:
         del state["lm_head.weight"]  # stored once, as safetensors requires
     save_file(state, os.path.join(ckpt, "model.safetensors"))
     with open(tokenizer_file, encoding="utf-8") as src, open(os.path.join(ckpt, "tokenizer.json"), "w") as dst:
         dst.write(src.read())
-    meta = {"format": 1, "step": 10, "stage": stage, "model": vars(model.cfg), "tokenizer": "tokenizer.json"}
+    meta = {"format": 1, "step": 10, "stage": stage, "model": vars(model.cfg), "tokenizer": "tokenizer.json",
+            "models": {"main": {"dir": ".", "head": model.head}}}
     with open(os.path.join(ckpt, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f)
     with open(os.path.join(run_dir, "checkpoints", "latest"), "w", encoding="utf-8") as f:

@@ -64,7 +64,7 @@ def good_word_reward(prompts: list[Any], completions: list[str], **fields: Any) 
 
 def _response(rng: random.Random, score: int) -> str:
     n_good, n_bad = max(score, 0), max(-score, 0)
-    words = rng.choices(NEUTRAL, k=rng.randint(2, 5)) + rng.choices(GOOD, k=n_good) + rng.choices(BAD, k=n_bad)
+    words = rng.choices(NEUTRAL, k=rng.randint(1, 4)) + rng.choices(GOOD, k=n_good) + rng.choices(BAD, k=n_bad)
     rng.shuffle(words)
     text = " ".join(words)
     return text[0].upper() + text[1:] + "."

@@ -36,6 +36,16 @@ def bradley_terry(better: torch.Tensor, worse: torch.Tensor, margin: torch.Tenso
     return F.softplus(-(better - worse - margin))
 
 
+@torch.no_grad()
+def score(model: Any, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Rewards ``(B,)`` of whole sequences ``ids`` ``(B, T)`` with padding on either side (``real`` marks the real
+    tokens): the scalar head at each row's last real token. What PPO and the evaluation score responses with."""
+    from igpt.sampling import last_real_index, positions_from_mask
+
+    values = model(ids, position_ids=positions_from_mask(real))  # (B, T)
+    return values.gather(1, last_real_index(real)[:, None]).squeeze(1)
+
+
 class RewardModelStage(Stage):
     name = "rm"
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from igpt.config import Config, DPOConfig, ModelConfig, StageConfig
-from igpt.data.loader import ShardLoader
 from igpt.model import Transformer
 from igpt.model.outputs import TokenLogProbs
 from igpt.stages import build_stage

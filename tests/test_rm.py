@@ -44,7 +44,7 @@ def rm_overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
 
 
 def test_loss_is_ln2_with_a_zero_head(prepared_pref_dir):
-    """A zero head scores every response 0: each comparison costs -log sigmoid(0) = ln 2, whatever the margin... is 0."""
+    """A zero head scores every response 0: with margins at 0 each comparison costs -log sigmoid(0) = ln 2."""
     batch = pref_batch(prepared_pref_dir)
     batch["margin"] = torch.zeros_like(batch["margin"])
     torch.manual_seed(0)

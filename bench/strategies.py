@@ -30,8 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
-def state_bytes(strategy) -> int:
-    """Bytes of parameters, master weights and optimizer state held by this rank (each storage once)."""
+def state_bytes(handle) -> int:
+    """Bytes of parameters, master weights and optimizer state a model (``igpt.parallel.Wrapped``) holds on this rank
+    (each storage once)."""
     import torch
     from torch.distributed.tensor import DTensor
 
@@ -50,10 +51,10 @@ def state_bytes(strategy) -> int:
         seen.add(storage.data_ptr())
         total += storage.nbytes()
 
-    for p in strategy.module.parameters():
+    for p in handle.module.parameters():
         add(p.data)
         add(getattr(p, "ds_tensor", None))  # ZeRO-3: this rank's partition of the parameter
-    opt = strategy.optimizer
+    opt = handle.optimizer
     inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
     for group in inner.param_groups:
         for p in group["params"]:  # DeepSpeed: the fp32 master partitions
@@ -82,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     plain = Transformer(cfg)
     n_params = sum(p.numel() for p in plain.parameters())
-    model, _ = strategy.wrap(plain, OptimConfig())
+    model = strategy.wrap_model(plain, OptimConfig())
     per_rank = args.global_batch // world
     accum = per_rank // args.micro_batch
     gen = torch.Generator().manual_seed(rank)
@@ -91,11 +92,11 @@ def worker(args: argparse.Namespace) -> None:
         scale = world / (args.global_batch * args.seq_len)
         for i in range(accum):
             ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(device)
-            with strategy.no_sync(i == accum - 1), strategy.autocast():
+            with model.no_sync(i == accum - 1), strategy.autocast():
                 loss = model(ids[:, :-1], labels=ids[:, 1:])
-                strategy.backward(loss * scale)
-        strategy.set_lr(1e-4)
-        strategy.clip_and_step(1.0)
+                model.backward(loss * scale)
+        model.set_lr(1e-4)
+        model.clip_and_step(1.0)
 
     for _ in range(args.warmup):
         step()
@@ -107,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     dt = time.perf_counter() - t0
     row = {
         "strategy": args.worker, "rank": rank, "world": world, "steps_per_s": args.steps / dt,
-        "state_mib": state_bytes(strategy) / 2**20, "peak_mib": peak_memory_gb(device) * 1024, "params": n_params,
+        "state_mib": state_bytes(model) / 2**20, "peak_mib": peak_memory_gb(device) * 1024, "params": n_params,
     }
     rows = strategy.all_gather_object(row)
     if rank == 0:

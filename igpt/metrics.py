@@ -65,17 +65,22 @@ class MetricsLogger:
             }
             self.wandb.log(data, step=record["step"])
 
-    def log_samples(self, step: int, rows: list[tuple[str, str]]) -> None:
-        """A table of (prompt, generation) pairs: W&B table, and a ``samples`` line in metrics.jsonl."""
+    def log_samples(
+        self, step: int, rows: list[tuple], columns: tuple[str, ...] = ("prompt", "generation"), key: str = "samples"
+    ) -> None:
+        """A table of samples (default: (prompt, generation) pairs): a W&B table ``eval/<key>`` and a line with
+        ``"split": <key>`` in metrics.jsonl."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "split": "samples", "samples": rows, "time": time.time()}) + "\n")
+        rows = [list(r) for r in rows]
+        self.file.write(json.dumps({"step": step, "split": key, key: rows, "columns": list(columns),
+                                    "time": time.time()}) + "\n")
         self.file.flush()
         if self.wandb is not None:
             import wandb
 
-            table = wandb.Table(columns=["step", "prompt", "generation"], data=[[step, p, g] for p, g in rows])
-            self.wandb.log({"eval/samples": table}, step=step)
+            table = wandb.Table(columns=["step", *columns], data=[[step, *r] for r in rows])
+            self.wandb.log({f"eval/{key}": table}, step=step)
 
     def close(self) -> None:
         if not self.enabled:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -151,6 +152,107 @@ def generate_ids(
     if return_logits:
         return out, [torch.stack(s) if s else torch.empty(0, cfg.vocab_size) for s in step_logits]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------- rollouts
+_M32 = 0xFFFFFFFF
+_MIX = (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39)  # odd multipliers < 2**31: every product of a 32-bit value fits int64
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply rounds, in the style of Wellons' lowbias32) on int64 tensors."""
+    x = x & _M32
+    for c in _MIX:
+        x = x ^ (x >> 16)
+        x = (x * c) & _M32
+    return x ^ (x >> 15)
+
+
+def row_seeds(seed: int, step: int, rows: torch.Tensor) -> torch.Tensor:
+    """A seed per rollout row ``(B,)`` from the run's seed, the step and each row's *global* index ``rows``: the
+    sample a row draws does not depend on the world size or on which rows share its batch."""
+    base = _hash32(torch.tensor([seed * 1_000_003 + step], dtype=torch.int64))
+    return _hash32(rows.to(torch.int64) * 0x9E37 + base)
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``(B, V)`` computed from (row seed, decoding step, token id) by hashing (a counter-based
+    generator): deterministic per row, vectorised over the batch, and no generator state to keep or restore."""
+    v = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _hash32(_hash32(seeds[:, None] + step * 0x3C6EF372) ^ v[None, :])  # (B, V)
+    u = (h.double() + 0.5) / 2.0**32  # in (0, 1)
+    return -torch.log(-torch.log(u)).float()
+
+
+@dataclass
+class Rollout:
+    """Sampled responses to a batch of prompts (``B`` rows, up to ``N`` new tokens)."""
+
+    tokens: torch.Tensor  # (B, N) sampled ids, pad after the end
+    logprobs: torch.Tensor  # (B, N) the sampler's log softmax(logits / T) of each token (0 after the end)
+    mask: torch.Tensor  # (B, N) bool: response tokens (the stop token included)
+    ended: torch.Tensor  # (B,) bool: stopped at a stop token before the token budget ran out
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: Transformer,
+    ids: torch.Tensor,
+    real: torch.Tensor,
+    max_new_tokens: int,
+    seeds: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    check_every: int = 8,
+) -> Rollout:
+    """Sample responses to left-padded prompts ``ids`` ``(B, T)`` (``real`` marks real tokens) on the device.
+
+    The static KV cache is allocated once; sampling is the Gumbel-max trick with :func:`gumbel_noise`, so each row's
+    draws depend only on its seed (``row_seeds``); the only host synchronisation is a check, every ``check_every``
+    steps, whether every row has stopped. ``temperature=0`` is greedy. ``logprobs`` are under ``softmax(logits / T)``
+    before top-k/top-p filtering: the distribution a trainer's forward at the same temperature computes.
+    """
+    b, t = ids.shape
+    device = ids.device
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - t)
+    if max_new_tokens < 1:
+        raise ValueError(f"prompts of {t} tokens leave no room to generate within max_seq_len {model.cfg.max_seq_len}")
+    positions = (torch.cumsum(real.long(), dim=-1) - 1).clamp(min=0)  # (B, T)
+    lengths = real.sum(dim=-1)  # (B,) next position of each row
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
+    mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    ended = torch.zeros(b, dtype=torch.bool, device=device)
+    cache = KVCache.for_model(model, b, t + max_new_tokens)
+    logits = model(ids, position_ids=positions, kv_cache=cache, attention_mask=real, logits_to_keep=1)[:, -1]
+    for step in range(max_new_tokens):
+        logits = logits.float()  # (B, V)
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1)
+            logp = torch.log_softmax(logits, dim=-1)
+        else:
+            scaled = logits / temperature
+            logp = torch.log_softmax(scaled, dim=-1)
+            nxt = (filter_logits(scaled, top_k, top_p) + gumbel_noise(seeds, step, logits.shape[-1])).argmax(dim=-1)
+        live = ~done
+        tokens[:, step] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+        logprobs[:, step] = torch.where(live, logp.gather(-1, nxt[:, None]).squeeze(-1), torch.zeros_like(logp[:, 0]))
+        mask[:, step] = live
+        is_stop = torch.isin(nxt, stop) & live
+        ended |= is_stop
+        done |= is_stop
+        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
+            break
+        pos = lengths[:, None].clone()  # (B, 1)
+        lengths += 1
+        logits = model(tokens[:, step : step + 1], position_ids=pos, kv_cache=cache)[:, -1]  # (B, V)
+    n = int(mask.sum(dim=0).nonzero().max()) + 1 if mask.any() else 1
+    return Rollout(tokens[:, :n], logprobs[:, :n], mask[:, :n], ended)
 
 
 # ----------------------------------------------------------------------------------------------------------- text API

@@ -108,8 +108,9 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))  # the resolved config, for every sink
-        self.accum = self._accumulation_steps()
+        self._check_lengths()
         self.stage = build_stage(cfg)
+        self.accum = self.stage.check_batch(self.world_size)
         self._setup_data()
         self._setup_run_dir()
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
@@ -128,22 +129,11 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, cfg.logger.peak_flops)
         self.stop = _StopFlag()
 
-    def _accumulation_steps(self) -> int:
-        """global = micro x accumulation x world; an inconsistent set fails here, naming the keys."""
-        tcfg = self.cfg.trainer
-        per_rank, rem = divmod(tcfg.global_batch_size, self.world_size)
-        if rem or per_rank % tcfg.micro_batch_size:
-            unit = tcfg.micro_batch_size * self.world_size
+    def _check_lengths(self) -> None:
+        if self.cfg.trainer.seq_len > self.cfg.model.max_seq_len:
             raise ValueError(
-                f"trainer.global_batch_size ({tcfg.global_batch_size}) must equal trainer.micro_batch_size "
-                f"({tcfg.micro_batch_size}) x accumulation steps x world size ({self.world_size}): "
-                f"use a multiple of {unit}"
+                f"trainer.seq_len ({self.cfg.trainer.seq_len}) exceeds model.max_seq_len ({self.cfg.model.max_seq_len})"
             )
-        if tcfg.seq_len > self.cfg.model.max_seq_len:
-            raise ValueError(
-                f"trainer.seq_len ({tcfg.seq_len}) exceeds model.max_seq_len ({self.cfg.model.max_seq_len})"
-            )
-        return per_rank // tcfg.micro_batch_size
 
     def _setup_data(self) -> None:
         from igpt.data.tokenizer import load_tokenizer, token_bytes
@@ -168,6 +158,10 @@ class Trainer:
                 f"{self.tokenizer_path}); set model.vocab_size={vocab}"
             )
         self.token_bytes = token_bytes(self.tokenizer).to(self.device)
+        from igpt.sampling import PAD, STOP_TOKENS
+
+        self.pad_id = self.tokenizer.token_to_id(PAD) or 0
+        self.stop_ids = [i for i in (self.tokenizer.token_to_id(t) for t in STOP_TOKENS) if i is not None]
         self.train_loader = self.make_loader("train", loop=True)
         #: every loader whose position a checkpoint keeps ("train" here; a stage may add more, e.g. PPO-ptx's text)
         self.loaders = {"train": self.train_loader}
@@ -274,6 +268,8 @@ class Trainer:
                 f"but the {spec.role} needs a language model (an SFT or pretraining checkpoint)"
             )
         kept = checkpoint.load_weights(model, checkpoint.read_model_state(ckpt), ckpt, strict=spec.head == source_head)
+        if spec.head == "scalar" and source_head == "scalar" and not spec.trainable:  # a reward model: normalised
+            model.value_offset = -float(meta.get("reward_norm", {}).get("mean", 0.0))
         how = f", new {spec.head} head" if kept else ""
         log.info("%s: weights from %s (step %s of stage %s%s)", spec.role, ckpt, meta.get("step"),
                  meta.get("stage"), how)
@@ -313,6 +309,10 @@ class Trainer:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         return self.strategy.all_reduce(t).tolist()
 
+    def lr(self) -> float:
+        """The learning rate of the current step (``optim``'s schedule; a pure function of the step)."""
+        return lr_at(self.step, self.cfg.optim, self.cfg.trainer.max_steps)
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One optimizer step on one batch of the train loader: the stage's (``offline_step`` by default)."""
         return self.stage.train_step(batch)
@@ -337,7 +337,7 @@ class Trainer:
         names = list(metric_sums)
         totals = self.strategy.all_reduce(torch.stack([loss_sum, *(metric_sums[k] for k in names)]))
         loss = float(totals[0].item()) / max(global_count, 1.0)
-        lr = lr_at(self.step, self.cfg.optim, self.cfg.trainer.max_steps)
+        lr = self.lr()
         model.set_lr(lr)
         finite = math.isfinite(loss)
         grad_norm = model.clip_and_step(self.cfg.trainer.grad_clip, skip=not finite)
@@ -505,6 +505,11 @@ class Trainer:
         result = self.stage.evaluate()
         self.metrics.log({"step": self.step, "split": "val", **result})
         log.info("step %d: %s", self.step, self.stage.eval_summary(result))
+        table = getattr(self.stage, "eval_table", None)
+        if table is not None and self.is_main:
+            columns, rows = table()
+            if rows:
+                self.metrics.log_samples(self.step, rows, columns, key="rollouts")
         if self.cfg.trainer.sample_every_eval:
             rows = self.sample()
             if rows and self.is_main:

@@ -89,7 +89,8 @@ class TokenStats(Output):
     """No-grad per-token statistics of ``labels`` over token chunks: a dict of ``(B, S)`` fp32 tensors (0 where
     ignored) with ``logprobs``, ``entropy`` and, when ``other_hidden`` / ``other_weight`` (another model's hidden
     states ``(B, S, dim')`` and full output matrix ``(V, dim')``) are given, ``kl`` = KL(this || other) over the whole
-    vocabulary. Never more than ``chunk`` rows of logits (of each model) exist at once."""
+    vocabulary and ``other_logprobs``, the labels' log-probabilities under the other model. Never more than ``chunk``
+    rows of logits (of each model) exist at once."""
 
     labels: torch.Tensor
     temperature: float = 1.0
@@ -108,6 +109,7 @@ class TokenStats(Output):
         out = {k: torch.zeros(b * s, dtype=torch.float32, device=hidden.device) for k in ("logprobs", "entropy")}
         if oh is not None:
             out["kl"] = torch.zeros(b * s, dtype=torch.float32, device=hidden.device)
+            out["other_logprobs"] = torch.zeros(b * s, dtype=torch.float32, device=hidden.device)
         for start in range(0, keep.numel(), self.chunk):
             idx = keep[start : start + self.chunk]
             logp = F.log_softmax((h[idx] @ weight.t()).float() / self.temperature, dim=-1)  # (c, V)
@@ -117,6 +119,7 @@ class TokenStats(Output):
             if oh is not None:
                 other = F.log_softmax((oh[idx] @ self.other_weight.t()).float() / self.temperature, dim=-1)  # (c, V)
                 out["kl"][idx] = (p * (logp - other)).sum(-1)
+                out["other_logprobs"][idx] = other.gather(-1, labels[idx, None]).squeeze(-1)
         return {k: v.reshape(b, s) for k, v in out.items()}
 
 

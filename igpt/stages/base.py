@@ -79,6 +79,18 @@ class Stage:
         """Called once the models are built and placed (and before a resume restores them)."""
         self.trainer = trainer
 
+    def check_batch(self, world_size: int) -> int:
+        """Check the batch sizes at start (naming the keys); return the accumulation steps of an offline step."""
+        tcfg = self.cfg.trainer
+        per_rank, rem = divmod(tcfg.global_batch_size, world_size)
+        if rem or per_rank % tcfg.micro_batch_size:
+            unit = tcfg.micro_batch_size * world_size
+            raise ValueError(
+                f"trainer.global_batch_size ({tcfg.global_batch_size}) must equal trainer.micro_batch_size "
+                f"({tcfg.micro_batch_size}) x accumulation steps x world size ({world_size}): use a multiple of {unit}"
+            )
+        return per_rank // tcfg.micro_batch_size
+
     # ---- loss ----------------------------------------------------------------------------------------------------
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Loss units in a batch (known before the forward, so the loss can be normalised globally)."""

@@ -1,0 +1,523 @@
+"""InstructGPT step 3: PPO against a reward model with a KL penalty to the SFT model, PPO-ptx, and the critic-free
+GRPO and RLOO.
+
+Models (``igpt.stages.base.ModelSpec``): the actor (``init_from``, the SFT model), the critic (``ppo.advantage=gae``
+only: a scalar head initialised from ``reward.model``, or from ``init_from`` with a new head when there is no reward
+model), the frozen reference (``reference_from``, default ``init_from``) and the frozen reward model
+(``reward.model``, normalised as its checkpoint says). Rewards come from the reward model and/or reward functions
+(``reward.functions``: ``module:function`` callables in TRL's batched form ``fn(prompts, completions, **fields) ->
+list[float]``, ``fields`` being the prompt records' other fields, one list per name), summed with ``reward.weights``.
+
+One step (``trainer.global_batch_size`` prompts):
+
+1. **Rollout**: every prompt ``rollout.n`` times; the actor samples up to ``rollout.max_new_tokens`` tokens with a
+   static KV cache, its weights gathered once for the whole phase (``Wrapped.gathered``). Each row draws its tokens
+   from a counter-based generator keyed by (``trainer.seed``, step, the row's global index), so a run samples the
+   same responses at any world size.
+2. **Scoring**: the reward model's score (clipped to ``reward.clip``) and the functions' rewards;
+   ``reward.missing_eos_penalty`` is subtracted from responses that hit the token budget without an end-of-turn.
+3. **Old log-probs, values**: the actor's log-probs of its samples at the rollout temperature (the same forward the
+   update uses; ``rollout/logprob_gap`` is their mean absolute gap to the sampler's own), the reference's, the
+   critic's values, and (one chunked pass) the actor's entropy and its exact full-vocabulary KL to the reference.
+4. **Advantages**: with ``gae``, per-token rewards ``-kl.coef * KL_t`` (``kl.estimator``) plus the score at the last
+   response token, then GAE(``ppo.gamma``, ``ppo.lam``) on the critic's values; with ``grpo`` / ``rloo``, the
+   sequence return ``score - kl.coef * sum_t KL_t`` against its prompt group's baseline, the same on every token.
+   ``ppo.whiten_advantages`` normalises them over the global batch.
+5. **Updates**: ``ppo.epochs`` passes, each over ``ppo.minibatches`` minibatches (row ``i`` of a rank's rollout batch
+   belongs to minibatch ``i mod minibatches``, an assignment independent of the world size; their order is shuffled
+   per epoch); clipped policy loss (``ppo.clip``, ``ppo.clip_high``, ``ppo.dual_clip``) and clipped value loss
+   (``ppo.value_clip``, weighted by ``ppo.vf_coef``), normalised by the minibatch's global response tokens. PPO-ptx
+   (``ptx.coef`` > 0) adds ``ptx.coef`` times the pretraining loss of one ``ptx.data_dir`` batch to the actor's
+   gradient in the *same* optimizer step (InstructGPT's objective, eq. 2).
+6. The adaptive KL controller (``kl.target``) moves the coefficient toward the target.
+
+Validation: greedy responses to the val prompts, ``objective/scores`` (their mean reward) and ``objective/kl`` /
+``objective/kl_exact`` (per sequence), and a table of prompts, responses and rewards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from igpt.config import OptimConfig
+from igpt.model.outputs import Hidden, TokenLogProbs, TokenStats
+from igpt.stages.base import ModelSpec, Stage
+from igpt.stages.ppo_math import (
+    KLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    kl_estimate,
+    masked_whiten,
+)
+
+log = logging.getLogger("igpt")
+
+
+def load_reward_function(spec: str) -> Callable:
+    """``module:function`` -> the callable (an error naming ``reward.functions`` and what failed)."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"reward.functions: {spec!r} is not of the form module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward.functions: cannot import {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ValueError(f"reward.functions: {spec!r} is not callable")
+    return fn
+
+
+class PromptRecords:
+    """The source records of a kind=prompt split by global sample id (``record.json`` of each sample)."""
+
+    def __init__(self, data_dir: str, split: str) -> None:
+        from igpt.data.partition import read_index
+
+        self.index = read_index(data_dir, split)
+        self.first = np.concatenate([[0], np.cumsum([s.samples for s in self.index.shards])])
+        self._open: OrderedDict[int, Any] = OrderedDict()
+
+    def __call__(self, sample_id: int) -> dict[str, Any]:
+        from igpt.data.partition import Shard
+
+        shard = int(np.searchsorted(self.first, sample_id, side="right")) - 1
+        if shard not in self._open:
+            idx = self.index
+            self._open[shard] = Shard(idx.shards[shard], idx.kind, idx.dtype, idx.vocab_size)
+            if len(self._open) > 4:
+                self._open.popitem(last=False)
+        return json.loads(self._open[shard].get(sample_id - int(self.first[shard]))[1].tobytes())
+
+
+class PPOStage(Stage):
+    name = "ppo"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.kl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+        self.functions: list[tuple[str, Callable]] = []
+        self.records: dict[str, PromptRecords] = {}
+        self.eval_rows: list[tuple] = []
+
+    @property
+    def critic(self) -> bool:
+        return self.cfg.ppo.advantage == "gae"
+
+    # ---- declaration and checks ------------------------------------------------------------------------------------
+    def models(self) -> list[ModelSpec]:
+        cfg = self.cfg
+        specs = [ModelSpec("policy", trainable=True, init=cfg.init_from)]
+        if self.critic:
+            optim = OptimConfig(**{**vars(cfg.optim), "lr": cfg.ppo.critic_lr or cfg.optim.lr})
+            if cfg.reward.model:
+                specs.append(ModelSpec("critic", trainable=True, head="scalar", init=cfg.reward.model,
+                                       init_key="reward.model", optim=optim, config_from_init=True))
+            else:
+                specs.append(ModelSpec("critic", trainable=True, head="scalar", init=cfg.init_from, optim=optim))
+        ref, key = (cfg.reference_from, "reference_from") if cfg.reference_from else (cfg.init_from, "init_from")
+        specs.append(ModelSpec("reference", trainable=False, init=ref, init_key=key))
+        if cfg.reward.model:
+            specs.append(ModelSpec("reward", trainable=False, head="scalar", init=cfg.reward.model,
+                                   init_key="reward.model", config_from_init=True))
+        return specs
+
+    def check_batch(self, world_size: int) -> int:
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        if tcfg.global_batch_size % world_size:
+            raise ValueError(f"trainer.global_batch_size ({tcfg.global_batch_size} prompts) must be a multiple of the "
+                             f"world size ({world_size})")
+        rows = tcfg.global_batch_size // world_size * cfg.rollout.n
+        m = cfg.ppo.minibatches
+        if rows % m or (rows // m) % tcfg.micro_batch_size:
+            raise ValueError(
+                f"each rank samples {rows} responses per step (trainer.global_batch_size / world size x rollout.n); "
+                f"ppo.minibatches ({m}) x trainer.micro_batch_size ({tcfg.micro_batch_size}) must divide it"
+            )
+        if cfg.rollout.max_new_tokens >= tcfg.seq_len:
+            raise ValueError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) must leave room for the prompt "
+                             f"in trainer.seq_len ({tcfg.seq_len})")
+        return (rows // m) // tcfg.micro_batch_size
+
+    def prepare(self, trainer) -> None:
+        super().prepare(trainer)
+        cfg = self.cfg
+        if cfg.ppo.advantage in ("grpo", "rloo") and cfg.rollout.n < 2:
+            raise ValueError(f"ppo.advantage={cfg.ppo.advantage} compares the samples of a prompt: rollout.n must "
+                             f"be at least 2 (it is {cfg.rollout.n})")
+        if not cfg.reward.model and not cfg.reward.functions:
+            raise ValueError("ppo needs a reward: reward.model=<reward-model run or checkpoint> and/or "
+                             "reward.functions=[module:function, ...]")
+        self.functions = [(spec, load_reward_function(spec)) for spec in cfg.reward.functions]
+        sources = int(bool(cfg.reward.model)) + len(self.functions)
+        if cfg.reward.weights and len(cfg.reward.weights) != sources:
+            raise ValueError(f"reward.weights has {len(cfg.reward.weights)} values for {sources} reward sources "
+                             f"({'the reward model, ' if cfg.reward.model else ''}{len(self.functions)} functions)")
+        self.weights = list(cfg.reward.weights) or [1.0] * sources
+        if cfg.reward.model:
+            self._check_reward_tokenizer(trainer)
+        if cfg.ptx.coef > 0:
+            if not cfg.ptx.data_dir:
+                raise ValueError("ptx.coef > 0 needs ptx.data_dir=<a prepared kind=text dir>")
+            ptx = trainer.make_loader("train", loop=True, data_dir=cfg.ptx.data_dir, pack=True)
+            if ptx.kind != "text":
+                raise ValueError(f"ptx.data_dir={cfg.ptx.data_dir} holds kind={ptx.kind} data; PPO-ptx needs kind=text")
+            trainer.loaders["ptx"] = ptx
+        self._ptx_batches = None
+        for split in ("train", "val"):
+            if trainer.index["splits"].get(split, {}).get("samples", 0):
+                self.records[split] = PromptRecords(cfg.data.dir, split)
+
+    def _check_reward_tokenizer(self, trainer) -> None:
+        import os
+
+        from igpt.checkpoint import read_meta, resolve
+
+        try:
+            ckpt = resolve(self.cfg.reward.model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"reward.model={self.cfg.reward.model}: {e}") from None
+        path = os.path.join(ckpt, read_meta(ckpt).get("tokenizer", "tokenizer.json"))
+        with open(path, encoding="utf-8") as a, open(trainer.tokenizer_path, encoding="utf-8") as b:
+            if a.read() != b.read():
+                raise ValueError(f"reward.model={self.cfg.reward.model}: its tokenizer ({path}) differs from the prompt "
+                                 f"data's ({trainer.tokenizer_path}); the reward model must read the policy's tokens")
+
+    # ---- rollout pieces --------------------------------------------------------------------------------------------
+    def _prompts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts ``(b, T)`` and their real-token mask, cut at the left to leave room for the response."""
+        trainer = self.trainer
+        budget = self.cfg.trainer.seq_len - self.cfg.rollout.max_new_tokens
+        lens = batch["prompt_len"][:, 0].clamp(max=budget)
+        t = max(int(lens.max()), 1)
+        b = lens.numel()
+        ids = torch.full((b, t), trainer.pad_id, dtype=torch.long)
+        real = torch.zeros(b, t, dtype=torch.bool)
+        for i in range(b):
+            n, full = int(lens[i]), int(batch["prompt_len"][i, 0])
+            ids[i, t - n :] = batch["input_ids"][i, full - n : full]
+            real[i, t - n :] = True
+        return ids.to(trainer.device), real.to(trainer.device)
+
+    def score(self, ids: torch.Tensor, real: torch.Tensor, prompt_len: int, responses: torch.Tensor,
+              mask: torch.Tensor, sample_ids: list[int], split: str) -> tuple[torch.Tensor, list[str]]:
+        """Rewards ``(B,)`` of the responses (reward model and functions, weighted) and the completions' text."""
+        from igpt.stages.rm import score as rm_score
+
+        trainer = self.trainer
+        tok = trainer.tokenizer
+        stop = set(trainer.stop_ids)
+        completions = [tok.decode([t for t, m in zip(row, keep) if m and t not in stop], skip_special_tokens=True)
+                       for row, keep in zip(responses.tolist(), mask.tolist())]
+        total = torch.zeros(responses.shape[0], dtype=torch.float32, device=responses.device)
+        w = iter(self.weights)
+        if "reward" in trainer.models:
+            with trainer.strategy.autocast():
+                r = rm_score(trainer.models["reward"], ids, real).float()
+            if self.cfg.reward.clip > 0:
+                r = r.clamp(-self.cfg.reward.clip, self.cfg.reward.clip)
+            total += next(w) * r
+        if self.functions:
+            records = [self.records[split](sid) for sid in sample_ids]
+            prompts = [rec.get("prompt", rec.get("messages")) for rec in records]
+            names = sorted({k for rec in records for k in rec} - {"prompt", "messages"})
+            fields = {k: [rec.get(k) for rec in records] for k in names}
+            for (spec, fn), weight in zip(self.functions, w):
+                total += weight * torch.tensor(self._call(spec, fn, prompts, completions, fields), device=total.device)
+        return total, completions
+
+    @staticmethod
+    def _call(spec: str, fn: Callable, prompts: list, completions: list[str], fields: dict) -> list[float]:
+        def where(i: int) -> str:
+            return f"sample {i} (prompt {prompts[i]!r}, completion {completions[i]!r})"
+
+        try:
+            out = fn(prompts, completions, **fields)
+        except Exception as e:
+            for i in range(len(prompts)):  # find the sample it fails on
+                try:
+                    fn(prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in fields.items()})
+                except Exception as e_i:
+                    raise RuntimeError(f"reward function {spec} raised {type(e_i).__name__}: {e_i} on {where(i)}") from e
+            raise RuntimeError(f"reward function {spec} raised {type(e).__name__}: {e} on a batch of "
+                               f"{len(prompts)} samples") from e
+        if not isinstance(out, (list, tuple)) or len(out) != len(prompts):
+            raise RuntimeError(f"reward function {spec} returned {type(out).__name__} of length "
+                               f"{len(out) if hasattr(out, '__len__') else '?'}; expected a list of {len(prompts)} "
+                               "numbers, one per completion")
+        for i, v in enumerate(out):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise RuntimeError(f"reward function {spec} returned {v!r} for {where(i)}; expected a finite number")
+        return [float(v) for v in out]
+
+    @torch.no_grad()
+    def _forward_stats(self, ids, pos, labels, n_prompt: int, n_resp: int) -> dict[str, torch.Tensor]:
+        """Per response token ``(B, N)``: old log-probs, reference log-probs, entropy, exact KL; and values."""
+        trainer = self.trainer
+        models = trainer.models
+        temp = self.cfg.rollout.temperature if self.cfg.rollout.temperature > 0 else 1.0
+        cols = slice(n_prompt - 1, n_prompt - 1 + n_resp)
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("old", "ref", "entropy", "kl_exact", "values")}
+        size = self.cfg.trainer.micro_batch_size
+        for i in range(0, ids.shape[0], size):
+            rows = slice(i, i + size)
+            a = (ids[rows],)
+            kw = {"position_ids": pos[rows]}
+            with trainer.strategy.autocast():
+                out["old"].append(models["policy"](*a, **kw, output=TokenLogProbs(labels[rows], temp))[:, cols])
+                h_ref = models["reference"](*a, **kw, output=Hidden())
+                with models["reference"].full_param("lm_head.weight") as w_ref:
+                    stats = models["policy"](*a, **kw, output=TokenStats(labels[rows], temp, h_ref, w_ref))
+                if self.critic:
+                    out["values"].append(models["critic"](*a, **kw)[:, cols].float())
+            out["ref"].append(stats["other_logprobs"][:, cols])
+            out["entropy"].append(stats["entropy"][:, cols])
+            out["kl_exact"].append(stats["kl"][:, cols])
+        return {k: torch.cat(v) for k, v in out.items() if v}
+
+    def _global_mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+        m = mask.to(torch.float64)
+        s = self.trainer.global_sum([(x.double() * m).sum(), ((x.double() ** 2) * m).sum(), m.sum()])
+        mean = s[0] / max(s[2], 1.0)
+        return mean, max(s[1] / max(s[2], 1.0) - mean * mean, 0.0)
+
+    # ---- the step --------------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        from igpt.sampling import positions_from_mask, row_seeds, sample_rollout
+
+        trainer, cfg = self.trainer, self.cfg
+        rcfg, pcfg = cfg.rollout, cfg.ppo
+        models, device, n = trainer.models, trainer.device, rcfg.n
+        actor = models["policy"]
+        world = trainer.world_size
+
+        # 1. rollout
+        t0 = time.perf_counter()
+        prompts, preal = self._prompts(batch)
+        b = prompts.shape[0]
+        prompts, preal = prompts.repeat_interleave(n, 0), preal.repeat_interleave(n, 0)
+        sample_ids = batch["sample_id"][:, 0].repeat_interleave(n).tolist()
+        rows = torch.arange(b * n, device=device) + trainer.rank * b * n  # global row index
+        seeds = row_seeds(cfg.trainer.seed, trainer.step, rows)
+        actor.eval()
+        with actor.gathered() as model, trainer.strategy.autocast():
+            ro = sample_rollout(model, prompts, preal, rcfg.max_new_tokens, seeds, rcfg.temperature, rcfg.top_k,
+                                rcfg.top_p, trainer.stop_ids, trainer.pad_id)
+        rollout_s = time.perf_counter() - t0
+        tp, nr = prompts.shape[1], ro.tokens.shape[1]
+        ids = torch.cat([prompts, ro.tokens], dim=1)  # (B, Tp + N)
+        real = torch.cat([preal, ro.mask], dim=1)
+        pos = positions_from_mask(real)
+        labels = torch.full_like(ids, -100)
+        labels[:, tp - 1 : tp - 1 + nr] = torch.where(ro.mask, ro.tokens, torch.full_like(ro.tokens, -100))
+        mask = ro.mask
+
+        # 2. scores, 3. old log-probs and values
+        scores, _ = self.score(ids, real, tp, ro.tokens, mask, sample_ids, "train")
+        penalty = cfg.reward.missing_eos_penalty * (~ro.ended).float()
+        scores_pen = scores - penalty
+        st = self._forward_stats(ids, pos, labels, tp, nr)
+        old, ref = st["old"].float(), st["ref"].float()
+        kl = kl_estimate(old, ref, cfg.kl.estimator) * mask
+        kl_seq = kl.sum(dim=1)
+        coef = self.kl.value
+
+        # 4. advantages
+        if self.critic:
+            rewards = -coef * kl
+            last = mask.long().sum(dim=1) - 1
+            rewards[torch.arange(rewards.shape[0]), last] += scores_pen
+            values = st["values"] * mask
+            adv, returns = gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
+        else:
+            seq_return = scores_pen - coef * kl_seq
+            # groups are the n samples of one prompt: rows of this rank only, so no collective is needed
+            adv = group_advantages(seq_return, n, pcfg.advantage)[:, None].expand_as(mask) * mask
+            values = returns = None
+        if pcfg.whiten_advantages:
+            mean, var = self._global_mean_var(adv, mask)
+            adv = masked_whiten(adv, mask, mean, var)
+
+        # 5. updates
+        upd = self._update(ids, pos, labels, mask, old, adv, values, returns, tp, nr)
+
+        # 6. KL controller and metrics
+        g = trainer.global_sum([
+            scores.sum(), kl_seq.sum(), (st["kl_exact"] * mask).sum(), (st["entropy"] * mask).sum(),
+            mask.sum(), (~ro.ended).sum(), ((ro.logprobs - old).abs() * mask).sum(), float(b * n),
+            (scores_pen - coef * kl_seq).sum(),
+        ])
+        seqs = g[7]
+        kl_mean = g[1] / seqs
+        self.kl.update(kl_mean, int(seqs))
+        metrics = {
+            "objective/scores": g[0] / seqs, "objective/kl": kl_mean, "objective/kl_exact": g[2] / seqs,
+            "objective/entropy": g[3] / seqs, "objective/rlhf_reward": g[8] / seqs,
+            "response_length/mean": g[4] / seqs, "response_length/clip_ratio": g[5] / seqs,
+            "rollout/logprob_gap": g[6] / max(g[4], 1.0), "rollout/tokens_per_s": g[4] / max(rollout_s, 1e-9) / world,
+            "kl/coef": coef, **upd,
+        }
+        if values is not None:
+            v = trainer.global_sum([
+                (returns * mask).sum(), (returns**2 * mask).sum(), ((returns - values) * mask).sum(),
+                ((returns - values) ** 2 * mask).sum(), mask.sum(),
+            ])
+            var_r = v[1] / v[4] - (v[0] / v[4]) ** 2
+            var_e = v[3] / v[4] - (v[2] / v[4]) ** 2
+            metrics["critic/vf_explained_var"] = 1.0 - var_e / var_r if var_r > 0 else float("nan")
+        return {**metrics, "step_tokens": int(trainer.global_sum([real.sum()])[0])}
+
+    def _update(self, ids, pos, labels, mask, old, adv, values, returns, tp: int, nr: int) -> dict[str, Any]:
+        trainer, cfg, pcfg = self.trainer, self.cfg, self.cfg.ppo
+        actor = trainer.models["policy"]
+        critic = trainer.models.get("critic")
+        world, size = trainer.world_size, cfg.trainer.micro_batch_size
+        temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        cols = slice(tp - 1, tp - 1 + nr)
+        rows_total, m = ids.shape[0], pcfg.minibatches
+        lr = trainer.lr()
+        critic_lr = lr * (pcfg.critic_lr or cfg.optim.lr) / cfg.optim.lr
+        sums = {k: 0.0 for k in ("pg", "vf", "clip", "vclip", "approxkl", "tokens", "ptx", "ptx_tokens")}
+        finite, grad_norm = True, float("nan")
+        actor.train()
+        if critic is not None:
+            critic.train()
+        for epoch in range(pcfg.epochs):
+            gen = torch.Generator().manual_seed(cfg.trainer.seed * 100_003 + trainer.step * 101 + epoch)
+            for k in torch.randperm(m, generator=gen).tolist():
+                idx = torch.arange(k, rows_total, m, device=ids.device)
+                tokens = trainer.global_sum([mask[idx].sum()])[0]
+                scale = world / max(tokens, 1.0)
+                ptx_batch = self._next_ptx()
+                micro = [idx[i : i + size] for i in range(0, idx.numel(), size)]
+                ptx_micro = list(trainer.micro_batches(ptx_batch)) if ptx_batch is not None else []
+                ptx_scale = world / max(trainer.global_sum([(ptx_batch["labels"] != -100).sum()])[0], 1.0) \
+                    if ptx_batch is not None else 0.0
+                last = len(micro) + len(ptx_micro) - 1
+                for j, r in enumerate(micro):
+                    kw = {"position_ids": pos[r]}
+                    with actor.no_sync(last_micro=j == last), trainer.strategy.autocast():
+                        logp = actor(ids[r], **kw, output=TokenLogProbs(labels[r], temp))[:, cols]
+                        pl = clipped_policy_loss(logp, old[r], adv[r], pcfg.clip, pcfg.clip_high, pcfg.dual_clip)
+                        mk = mask[r]
+                        loss = (pl.loss * mk).sum()
+                        actor.backward(loss * scale)
+                    with torch.no_grad():
+                        sums["pg"] += loss.item()
+                        sums["clip"] += (pl.clipped & mk).sum().item()
+                        sums["approxkl"] += (0.5 * (logp - old[r]) ** 2 * mk).sum().item()
+                        sums["tokens"] += mk.sum().item()
+                    if critic is not None:
+                        with critic.no_sync(last_micro=j == len(micro) - 1), trainer.strategy.autocast():
+                            v = critic(ids[r], **kw)[:, cols].float()
+                            vf, vclipped = clipped_value_loss(v, values[r], returns[r], pcfg.value_clip)
+                            vloss = (vf * mk).sum()
+                            critic.backward(pcfg.vf_coef * vloss * scale)
+                        sums["vf"] += vloss.item()
+                        sums["vclip"] += (vclipped & mk).sum().item()
+                for j, mb in enumerate(ptx_micro):
+                    with actor.no_sync(last_micro=len(micro) + j == last), trainer.strategy.autocast():
+                        ptx = actor(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"])
+                        actor.backward(cfg.ptx.coef * ptx * ptx_scale)
+                    sums["ptx"] += ptx.item()
+                    sums["ptx_tokens"] += (mb["labels"] != -100).sum().item()
+                step_ok = math.isfinite(sums["pg"]) and math.isfinite(sums["vf"]) and math.isfinite(sums["ptx"])
+                finite = finite and step_ok
+                actor.set_lr(lr)
+                grad_norm = actor.clip_and_step(cfg.trainer.grad_clip, skip=not step_ok)
+                if critic is not None:
+                    critic.set_lr(critic_lr)
+                    critic.clip_and_step(cfg.trainer.grad_clip, skip=not step_ok)
+        g = trainer.global_sum([sums[k] for k in ("pg", "vf", "clip", "vclip", "approxkl", "tokens", "ptx",
+                                                  "ptx_tokens")])
+        tok = max(g[5], 1.0)
+        out = {"loss": g[0] / tok, "lr": lr, "grad_norm": grad_norm, "finite": finite, "loss/policy": g[0] / tok,
+               "policy/clipfrac": g[2] / tok, "policy/approxkl": g[4] / tok}
+        if critic is not None:
+            out.update({"loss/value": g[1] / tok, "val/clipfrac": g[3] / tok})
+        if g[7] > 0:
+            out["loss/ptx"] = g[6] / g[7]
+        return out
+
+    def _next_ptx(self) -> dict[str, torch.Tensor] | None:
+        loader = self.trainer.loaders.get("ptx")
+        if loader is None:
+            return None
+        if self._ptx_batches is None:
+            self._ptx_batches = iter(loader)
+        return next(self._ptx_batches)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy responses to the val prompts: their mean reward and KL to the reference (per sequence)."""
+        from igpt.sampling import positions_from_mask, sample_rollout
+
+        trainer, cfg = self.trainer, self.cfg
+        if "val" not in self.records:
+            return {}
+        actor = trainer.models["policy"]
+        actor.eval()
+        sums = torch.zeros(5, dtype=torch.float64)
+        self.eval_rows = []
+        for batch in trainer.eval_batches(self):
+            keep = batch["sample_id"][:, 0] >= 0
+            prompts, preal = self._prompts(batch)
+            seeds = torch.zeros(prompts.shape[0], dtype=torch.int64, device=prompts.device)
+            with actor.gathered() as model, trainer.strategy.autocast():
+                ro = sample_rollout(model, prompts, preal, cfg.rollout.max_new_tokens, seeds, 0.0,
+                                    stop_ids=trainer.stop_ids, pad_id=trainer.pad_id)
+            tp, nr = prompts.shape[1], ro.tokens.shape[1]
+            ids = torch.cat([prompts, ro.tokens], dim=1)
+            real = torch.cat([preal, ro.mask], dim=1)
+            labels = torch.full_like(ids, -100)
+            labels[:, tp - 1 : tp - 1 + nr] = torch.where(ro.mask, ro.tokens, torch.full_like(ro.tokens, -100))
+            sids = [max(int(s), 0) for s in batch["sample_id"][:, 0].tolist()]
+            scores, completions = self.score(ids, real, tp, ro.tokens, ro.mask, sids, "val")
+            st = self._forward_stats(ids, positions_from_mask(real), labels, tp, nr)
+            mask = ro.mask & keep[:, None].to(ro.mask.device)
+            kl = (kl_estimate(st["old"].float(), st["ref"].float(), cfg.kl.estimator) * mask).sum(dim=1)
+            k = keep.to(scores.device)
+            sums += torch.tensor([scores[k].sum().item(), kl[k].sum().item(), (st["kl_exact"] * mask).sum().item(),
+                                  mask.sum().item(), k.sum().item()], dtype=torch.float64)
+            if trainer.is_main and len(self.eval_rows) < 8:
+                tok = trainer.tokenizer
+                for i in range(prompts.shape[0]):
+                    if keep[i] and len(self.eval_rows) < 8:
+                        text = tok.decode(prompts[i][preal[i]].tolist(), skip_special_tokens=True)
+                        self.eval_rows.append((text, completions[i], float(scores[i])))
+        g = trainer.global_sum(sums.tolist())
+        n = max(g[4], 1.0)
+        return {"objective/scores": g[0] / n, "objective/kl": g[1] / n, "objective/kl_exact": g[2] / n,
+                "response_length/mean": g[3] / n}
+
+    def eval_summary(self, result: dict[str, float]) -> str:
+        if not result:
+            return "no val prompts"
+        return (f"val reward {result['objective/scores']:.4f} (greedy), KL to reference {result['objective/kl']:.4f}"
+                f" (exact {result['objective/kl_exact']:.4f}), response length {result['response_length/mean']:.1f}")
+
+    def eval_table(self) -> tuple[tuple[str, ...], list[tuple]]:
+        return ("prompt", "response", "reward"), self.eval_rows
+
+    # ---- state -----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "kl_coef" in state:
+            self.kl.value = float(state["kl_coef"])
+
+
+STAGE = PPOStage

@@ -122,3 +122,18 @@ def prepared_pref_dir(tmp_path_factory, tokenizer_file) -> str:
         f"tokenizer={tokenizer_file}", "kind=pref", "val_fraction=0.15", "shard_tokens=6000",
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared_prompt_dir(tmp_path_factory, tokenizer_file) -> str:
+    """PPO prompts ("Name a kind word for the crown.", igpt.data.prefs), kind=prompt, 10% held out."""
+    from igpt.data.prefs import prompts
+
+    root = tmp_path_factory.mktemp("prompts")
+    prompts(str(root / "prompts.jsonl"), n=200, seed=7)
+    out = str(root / "prepared")
+    run_module(
+        "-m", "igpt.data.prepare", f"input={root}/prompts.jsonl", f"output_dir={out}", f"tokenizer={tokenizer_file}",
+        "kind=prompt", "val_fraction=0.1",
+    )
+    return out

@@ -17,8 +17,8 @@ minus the number of bad ones; ranks follow scores (0 = best, equal scores tie). 
 that learns the rule ranks held-out pairs right; one that does not, half of them.
 
 prompts: ``{"prompt", "target"}`` records for PPO with a programmatic reward: the prompt asks for a good word
-("Name a kind word for the crown."); :func:`good_word_reward` scores a completion by its good words minus its bad
-ones (``reward.functions=[igpt.data.prefs:good_word_reward]``).
+("Name a kind word for the crown."); :func:`good_word_reward` scores a completion 1 when it holds a good word and no
+bad one, -1 with a bad word, else 0 (``reward.functions=[igpt.data.prefs:good_word_reward]``).
 """
 
 from __future__ import annotations
@@ -58,8 +58,13 @@ def word_score(text: str) -> int:
 
 
 def good_word_reward(prompts: list[Any], completions: list[str], **fields: Any) -> list[float]:
-    """A programmatic reward in TRL's batched form: ``word_score`` of each completion, capped to [-3, 3]."""
-    return [float(max(-3, min(3, word_score(c)))) for c in completions]
+    """A programmatic reward in TRL's batched form: 1 for a completion with a good word and no bad one, -1 for one
+    with a bad word, 0 otherwise (repeating good words earns nothing more)."""
+    out = []
+    for c in completions:
+        words = set(re.findall(r"[a-z]+", c.lower()))
+        out.append(-1.0 if words & set(BAD) else 1.0 if words & set(GOOD) else 0.0)
+    return out
 
 
 def _response(rng: random.Random, score: int) -> str:

@@ -60,6 +60,7 @@ from igpt.stages.ppo_math import (
     group_advantages,
     kl_estimate,
     masked_whiten,
+    token_rewards,
 )
 
 log = logging.getLogger("igpt")
@@ -335,9 +336,7 @@ class PPOStage(Stage):
 
         # 4. advantages
         if self.critic:
-            rewards = -coef * kl
-            last = mask.long().sum(dim=1) - 1
-            rewards[torch.arange(rewards.shape[0]), last] += scores_pen
+            rewards = token_rewards(kl, scores_pen, mask, coef)
             values = st["values"] * mask
             adv, returns = gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
         else:

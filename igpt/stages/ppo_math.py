@@ -31,6 +31,15 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
     raise ValueError(f"kl.estimator={estimator!r}: expected k1, k2 or k3")
 
 
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """Per-token rewards ``(B, N)``: ``-coef * KL_t`` on every response token and the sequence's score added at its
+    last one (the end-of-turn token, or the last token of a response cut by the token budget)."""
+    rewards = -coef * kl * mask
+    last = mask.long().sum(dim=1) - 1  # responses are left-aligned in their columns: their last token is here
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
+    return rewards
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Advantages and returns ``(B, N)``: ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam
     A_{t+1}``, ``returns = A + V``; zero outside the mask (values there are ignored)."""

@@ -122,7 +122,8 @@ def test_sampler_logprobs_equal_the_trainers_and_samples_follow_the_distribution
         lp = model(ids, position_ids=positions_from_mask(full_real), output=TokenLogProbs(labels, temp))
     got = lp[:, 4 : 4 + ro.tokens.shape[1]]
     assert ro.mask.sum() > 20
-    assert torch.allclose(got[ro.mask], ro.logprobs[ro.mask], atol=1e-5), (got[ro.mask] - ro.logprobs[ro.mask]).abs().max()
+    gap = (got[ro.mask] - ro.logprobs[ro.mask]).abs().max()
+    assert gap < 1e-5, gap
     # one step from one prompt with 4000 seeds: frequencies follow softmax(logits / T) (Gumbel-max is exact sampling)
     one = prompts[:1].expand(4000, -1)
     ro1 = sample_rollout(model, one, torch.ones_like(one, dtype=torch.bool), 1, row_seeds(9, 0, torch.arange(4000)),

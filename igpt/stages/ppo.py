@@ -192,8 +192,10 @@ class PPOStage(Stage):
         path = os.path.join(ckpt, read_meta(ckpt).get("tokenizer", "tokenizer.json"))
         with open(path, encoding="utf-8") as a, open(trainer.tokenizer_path, encoding="utf-8") as b:
             if a.read() != b.read():
-                raise ValueError(f"reward.model={self.cfg.reward.model}: its tokenizer ({path}) differs from the prompt "
-                                 f"data's ({trainer.tokenizer_path}); the reward model must read the policy's tokens")
+                raise ValueError(
+                    f"reward.model={self.cfg.reward.model}: its tokenizer ({path}) differs from the prompt data's "
+                    f"({trainer.tokenizer_path}); the reward model must read the policy's tokens"
+                )
 
     # ---- rollout pieces --------------------------------------------------------------------------------------------
     def _prompts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +252,9 @@ class PPOStage(Stage):
                 try:
                     fn(prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in fields.items()})
                 except Exception as e_i:
-                    raise RuntimeError(f"reward function {spec} raised {type(e_i).__name__}: {e_i} on {where(i)}") from e
+                    raise RuntimeError(
+                        f"reward function {spec} raised {type(e_i).__name__}: {e_i} on {where(i)}"
+                    ) from e
             raise RuntimeError(f"reward function {spec} raised {type(e).__name__}: {e} on a batch of "
                                f"{len(prompts)} samples") from e
         if not isinstance(out, (list, tuple)) or len(out) != len(prompts):

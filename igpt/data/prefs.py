@@ -3,6 +3,7 @@
     python -m igpt.data.prefs chatterbot out=<file.jsonl> [seed=0] [data_dir=<dir>]
     python -m igpt.data.prefs synthetic out=<file.jsonl> [n=2000] [k=2] [seed=0]
     python -m igpt.data.prefs prompts out=<file.jsonl> [n=2000] [seed=0]
+    python -m igpt.data.prefs chatterbot_prompts out=<file.jsonl> [data_dir=<dir>]
 
 chatterbot: for every exchange (a user turn and the assistant's reply) of the ``chatterbot-corpus`` conversations
 (``igpt.data.corpus.chatterbot_records``) the real reply is *chosen* and the reply of a random exchange from another
@@ -116,8 +117,8 @@ def prompts(out: str, n: int = 2000, seed: int = 0) -> int:
     return len(records)
 
 
-def chatterbot_pairs(seed: int = 0, data_dir: str | None = None) -> list[dict[str, Any]]:
-    """Relevance pairs from chatterbot-corpus: the real reply chosen, another topic's reply rejected."""
+def chatterbot_exchanges(data_dir: str | None = None) -> list[tuple[str, str, str]]:
+    """(topic file, user turn, reply) of every exchange of the chatterbot-corpus conversations."""
     import glob
 
     import yaml
@@ -136,6 +137,12 @@ def chatterbot_pairs(seed: int = 0, data_dir: str | None = None) -> list[dict[st
                 continue
             for i in range(0, len(turns) - 1, 2):
                 exchanges.append((os.path.basename(path), turns[i], turns[i + 1]))
+    return exchanges
+
+
+def chatterbot_pairs(seed: int = 0, data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Relevance pairs from chatterbot-corpus: the real reply chosen, another topic's reply rejected."""
+    exchanges = chatterbot_exchanges(data_dir)
     rng = random.Random(seed)
     pairs = []
     for topic, question, reply in exchanges:
@@ -154,12 +161,22 @@ def chatterbot(out: str, seed: int = 0, data_dir: str | None = None) -> int:
     return len(pairs)
 
 
+def chatterbot_prompts(out: str, data_dir: str | None = None) -> int:
+    """Write every distinct chatterbot user turn as a PPO prompt record (its first reply as ``reference``)."""
+    seen: dict[str, str] = {}
+    for _, question, reply in chatterbot_exchanges(data_dir):
+        seen.setdefault(question, reply)
+    _write_jsonl([{"prompt": q, "reference": r} for q, r in seen.items()], out)
+    return len(seen)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "igpt.data.prefs"
-    commands = {"chatterbot": chatterbot, "synthetic": synthetic, "prompts": prompts}
+    commands = {"chatterbot": chatterbot, "synthetic": synthetic, "prompts": prompts,
+                "chatterbot_prompts": chatterbot_prompts}
     if not argv or argv[0] not in commands:
-        raise SystemExit(f"usage: python -m {prog} chatterbot|synthetic|prompts out=<file.jsonl> [...]")
+        raise SystemExit(f"usage: python -m {prog} {'|'.join(commands)} out=<file.jsonl> [...]")
     func = commands[argv[0]]
     args = parse_args(argv[1:], func, f"{prog} {argv[0]}", ("out",), __doc__)
     try:

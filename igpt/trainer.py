@@ -502,6 +502,11 @@ class Trainer:
         log.warning("stopped at step %d (%s); checkpoint written, resume with resume=auto", self.step, reason)
 
     def _eval_and_log(self) -> dict[str, float]:
+        if not self.index["splits"].get("val", {}).get("samples", 0):
+            if not getattr(self, "_warned_no_val", False):
+                log.warning("%s has no val split (prepare with val_fraction > 0): nothing to evaluate", self.cfg.data.dir)
+                self._warned_no_val = True
+            return {}
         result = self.stage.evaluate()
         self.metrics.log({"step": self.step, "split": "val", **result})
         log.info("step %d: %s", self.step, self.stage.eval_summary(result))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+from dataclasses import asdict
 import json
 import logging
 import os
@@ -195,7 +196,7 @@ class DPOStage(Stage):
         with open(os.path.join(self.cfg.data.dir, "index.json"), "rb") as f:
             data = hashlib.sha256(f.read()).hexdigest()
         return {"reference": ref, "seed": self.cfg.trainer.seed if not source else None, "data": data,
-                "seq_len": self.cfg.trainer.seq_len, "precision": self.cfg.precision, "model": self.cfg.model.name}
+                "seq_len": self.cfg.trainer.seq_len, "precision": self.cfg.precision, "model": asdict(self.cfg.model)}
 
     def _load_or_precompute(self) -> None:
         from safetensors.torch import load_file

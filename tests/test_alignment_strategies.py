@@ -108,7 +108,6 @@ def test_ppo_two_ranks_match_one_process(prepared_prompt_dir, prepared_text_dir,
         assert abs(gv[key] - rv[key]) <= TOL * max(1.0, abs(rv[key])), ("val", key)
     from igpt.checkpoint import model_dir
 
-    from igpt.checkpoint import model_dir
 
     # The weights after each iteration: AdamW divides every gradient element by its own running scale, so elements
     # whose gradient nearly cancels turn the summation-order noise of 2-rank averaging (~1e-7 relative) into

@@ -18,7 +18,7 @@ from igpt.stages.dpo import CACHE_DIR, dpo_loss
 from igpt.stages.pref import comparisons
 from tests.conftest import TINY
 from tests.test_rm import SEQ_128, pref_batch
-from tests.trainutil import make_trainer, read_metrics, train
+from tests.trainutil import read_metrics, train, train_and_stop, train_steps
 
 CFG = ModelConfig(vocab_size=384, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=128)
 
@@ -147,20 +147,9 @@ def test_precomputed_reference_equals_live_reference(prepared_pref_dir, tmp_path
     and a resumed run reuses them instead of computing them again."""
     live, pre = str(tmp_path / "live"), str(tmp_path / "pre")
     train(dpo_overrides(prepared_pref_dir, live, "trainer.max_steps=4", "trainer.eval_every=4"))
-    trainer = make_trainer(dpo_overrides(prepared_pref_dir, pre, "trainer.max_steps=4", "trainer.eval_every=4",
-                                         "dpo.precompute_reference=true", "trainer.ckpt_every=2"))
-    assert set(trainer.models) == {"policy"}
-    step_fn = trainer.train_step
-
-    def stop_after_2(batch):
-        out = step_fn(batch)
-        if trainer.step == 1:
-            trainer.stop.reason = "test"
-        return out
-
-    trainer.train_step = stop_after_2
-    trainer.fit()
-    trainer.close()
+    trainer = train_and_stop(dpo_overrides(prepared_pref_dir, pre, "trainer.max_steps=4", "trainer.eval_every=4",
+                                           "dpo.precompute_reference=true", "trainer.ckpt_every=2"), at_step=2)
+    assert set(trainer.models) == {"policy"}  # the reference was not kept
     cache = os.path.join(pre, CACHE_DIR)
     assert sorted(os.listdir(cache)) == ["key.json", "train.safetensors", "val.safetensors"]
     stamp = os.path.getmtime(os.path.join(cache, "train.safetensors"))
@@ -173,10 +162,7 @@ def test_precomputed_reference_equals_live_reference(prepared_pref_dir, tmp_path
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
     va, vb = read_metrics(live, "val")[4], read_metrics(pre, "val")[4]
     assert vb["loss"] == pytest.approx(va["loss"], abs=1e-5) and "kl" in va and "kl" not in vb
-    # the second process started after the checkpoint: steps 1-2 were logged once
-    steps = [json.loads(line)["step"] for line in open(os.path.join(pre, "metrics.jsonl"))
-             if json.loads(line)["split"] == "train"]
-    assert steps == [1, 2, 3, 4]
+    assert train_steps(pre) == [1, 2, 3, 4]  # the second process started after the checkpoint: no step twice
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo"])
@@ -186,23 +172,11 @@ def test_resume_mid_run_equals_uninterrupted(prepared_pref_dir, tmp_path, stage)
         from tests.test_rm import rm_overrides as overrides
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train(overrides(prepared_pref_dir, full, "trainer.max_steps=6"))
-    trainer = make_trainer(overrides(prepared_pref_dir, part, "trainer.max_steps=6", "trainer.ckpt_every=3"))
-    step_fn = trainer.train_step
-
-    def stop_after_4(batch):
-        out = step_fn(batch)
-        if trainer.step == 3:  # becomes step 4 after the increment: a checkpoint at 3, one more step, then stop
-            trainer.stop.reason = "test"
-        return out
-
-    trainer.train_step = stop_after_4
-    trainer.fit()
-    trainer.close()
+    # a checkpoint at 3, one more step, then the stop's own checkpoint at 4
+    train_and_stop(overrides(prepared_pref_dir, part, "trainer.max_steps=6", "trainer.ckpt_every=3"), at_step=4)
     assert json.load(open(os.path.join(part, "preempted")))["step"] == 4
     train(overrides(prepared_pref_dir, part, "trainer.max_steps=6", "trainer.ckpt_every=3"))
-    records = [json.loads(line) for line in open(os.path.join(part, "metrics.jsonl"))]
-    steps = [r["step"] for r in records if r["split"] == "train"]
-    assert steps == [1, 2, 3, 4, 5, 6]  # resumed from step 4's checkpoint, not restarted
+    assert train_steps(part) == [1, 2, 3, 4, 5, 6]  # resumed from step 4's checkpoint, not restarted
     ref, got = read_metrics(full), read_metrics(part)
     for step in range(1, 7):
         assert got[step]["loss"] == ref[step]["loss"], step

@@ -18,7 +18,7 @@ from igpt.model.outputs import TokenLogProbs
 from igpt.sampling import positions_from_mask, row_seeds, sample_rollout
 from igpt.stages.ppo_math import clipped_policy_loss, gae, group_advantages, kl_estimate, token_rewards
 from tests.conftest import TINY, run_module
-from tests.trainutil import make_trainer, read_metrics, train
+from tests.trainutil import make_trainer, read_metrics, train, train_and_stop, train_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -225,24 +225,11 @@ def test_resume_mid_run_equals_uninterrupted(prepared_prompt_dir, tmp_path):
     extra = ("trainer.max_steps=4", "kl.target=0.5", "kl.horizon=50", "ppo.minibatches=2", "trainer.micro_batch_size=8")
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train(ppo_overrides(prepared_prompt_dir, full, *extra))
-    trainer = make_trainer(ppo_overrides(prepared_prompt_dir, part, *extra, "trainer.ckpt_every=2"))
-    step_fn = trainer.train_step
-
-    def stop_after_3(batch):
-        out = step_fn(batch)
-        if trainer.step == 2:
-            trainer.stop.reason = "test"
-        return out
-
-    trainer.train_step = stop_after_3
-    trainer.fit()
-    trainer.close()
+    train_and_stop(ppo_overrides(prepared_prompt_dir, part, *extra, "trainer.ckpt_every=2"), at_step=3)
     assert json.load(open(os.path.join(part, "preempted")))["step"] == 3
     assert os.path.isdir(os.path.join(part, "checkpoints", "step_0000003", "critic"))
     train(ppo_overrides(prepared_prompt_dir, part, *extra, "trainer.ckpt_every=2"))
-    steps = [json.loads(line)["step"] for line in open(os.path.join(part, "metrics.jsonl"))
-             if json.loads(line)["split"] == "train"]
-    assert steps == [1, 2, 3, 4]
+    assert train_steps(part) == [1, 2, 3, 4]  # resumed after step 3, not restarted
     ref, got = read_metrics(full), read_metrics(part)
     assert ref[4]["kl/coef"] != ref[1]["kl/coef"]  # the controller moved: its state had to be restored
     for step in range(1, 5):

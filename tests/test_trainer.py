@@ -15,7 +15,7 @@ import torch
 from igpt.config import OptimConfig
 from igpt.trainer import lr_at
 from tests.conftest import REPO, TINY
-from tests.trainutil import compose_config, make_trainer, read_metrics, train
+from tests.trainutil import compose_config, make_trainer, read_metrics, train, train_and_stop
 
 
 def base(data_dir: str, run_dir: str, *extra: str) -> list[str]:
@@ -34,18 +34,7 @@ def test_resume_equals_uninterrupted_run(prepared_text_dir, tmp_path):
     ref = read_metrics(full)
 
     part = str(tmp_path / "part")
-    trainer = make_trainer(base(prepared_text_dir, part, "trainer.max_steps=10"))
-    step_fn = trainer.train_step
-
-    def stop_after_6(batch):
-        out = step_fn(batch)
-        if trainer.step == 5:  # becomes step 6 after the increment: stop there, mid-way between checkpoints
-            trainer.stop.reason = "test"
-        return out
-
-    trainer.train_step = stop_after_6
-    trainer.fit()
-    trainer.close()
+    train_and_stop(base(prepared_text_dir, part, "trainer.max_steps=10"), at_step=6)  # mid-way between checkpoints
     assert json.load(open(os.path.join(part, "preempted")))["step"] == 6
     assert sorted(read_metrics(part)) == list(range(1, 7))
 

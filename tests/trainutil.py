@@ -26,6 +26,32 @@ def make_trainer(overrides: list[str]):
     return Trainer(cfg)
 
 
+def train_and_stop(overrides: list[str], at_step: int):
+    """Run the trainer and have it stop (the preemption path: checkpoint, ``preempted``, exit) after step
+    ``at_step``, as if a signal arrived during that step; return the (closed) trainer."""
+    trainer = make_trainer(overrides)
+    step_fn = trainer.train_step
+
+    def step_then_signal(batch):
+        out = step_fn(batch)
+        if trainer.step == at_step - 1:  # the loop increments the step after this returns
+            trainer.stop.reason = "test"
+        return out
+
+    trainer.train_step = step_then_signal
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def train_steps(run_dir: str, split: str = "train") -> list[int]:
+    """Every step logged in ``metrics.jsonl``, in order and with repeats (a restart would log its steps again)."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [rec["step"] for rec in map(json.loads, f) if rec["split"] == split]
+
+
 def train(overrides: list[str]) -> dict[str, float]:
     return run(compose_config(overrides))
 

@@ -504,7 +504,8 @@ class Trainer:
     def _eval_and_log(self) -> dict[str, float]:
         if not self.index["splits"].get("val", {}).get("samples", 0):
             if not getattr(self, "_warned_no_val", False):
-                log.warning("%s has no val split (prepare with val_fraction > 0): nothing to evaluate", self.cfg.data.dir)
+                log.warning("%s has no val split (prepare with val_fraction > 0): nothing to evaluate",
+                            self.cfg.data.dir)
                 self._warned_no_val = True
             return {}
         result = self.stage.evaluate()

@@ -92,7 +92,7 @@ def ppo_overrides(prompt_dir: str, text_dir: str, rm: str, run_dir: str, *extra:
     ]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
 def test_ppo_two_ranks_match_one_process(prepared_prompt_dir, prepared_text_dir, ppo_single, tmp_path, strategy):
     """The same responses are sampled (row seeds follow the global row index), so the whole iteration matches."""
     run = str(tmp_path / "run")

@@ -286,3 +286,47 @@ def test_bad_reward_functions_and_missing_inputs_fail_clearly(prepared_prompt_di
             make_trainer(args)
     assert not os.path.exists(os.path.join(tmp_path, "bad", "metrics.jsonl"))
     assert sys.modules  # the imports above ran in this process
+
+
+def test_rollouts_gather_fsdp_weights_once_not_per_token():
+    """Under FSDP the sampler runs inside ``Wrapped.gathered``: every module is all-gathered once for the whole
+    rollout, where plain FSDP forwards would gather every block again for every decoded token."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from igpt.config import OptimConfig, StrategyConfig
+    from igpt.parallel import build_strategy
+
+    strategy = build_strategy(StrategyConfig(name="fsdp"), "fp32", torch.device("cpu"))
+    try:
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+        handle = strategy.wrap_model(Transformer(cfg), OptimConfig())
+        plain = Transformer(cfg)
+        plain.load_state_dict(handle.full_state_dict())
+        ids = torch.randint(7, 64, (2, 4))
+        real = torch.ones_like(ids, dtype=torch.bool)
+        seeds = row_seeds(0, 0, torch.arange(2))
+        calls = []
+        real_unshard = FSDPParamGroup.unshard
+
+        def counting(self, *args, **kwargs):
+            if not self.is_unsharded and self._all_gather_result is None:  # a real gather, not FSDP's no-op call
+                calls.append(1)
+            return real_unshard(self, *args, **kwargs)
+
+        FSDPParamGroup.unshard = counting
+        try:
+            with handle.gathered() as model:
+                ro = sample_rollout(model, ids, real, 12, seeds, 1.0)
+            gathered_calls = len(calls)
+            calls.clear()
+            with torch.no_grad():
+                sample_rollout(handle.model, ids, real, 12, seeds, 1.0)
+            per_forward_calls = len(calls)
+        finally:
+            FSDPParamGroup.unshard = real_unshard
+        assert gathered_calls <= cfg.n_layers + 1  # each block and the root once
+        assert per_forward_calls >= 12 * cfg.n_layers  # every block for every decoded token
+        assert torch.equal(ro.tokens, sample_rollout(plain, ids, real, 12, seeds, 1.0).tokens)  # the same samples
+    finally:
+        strategy.teardown()

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from dataclasses import asdict
 import json
 import logging
 import os
+from dataclasses import asdict
 from typing import Any
 
 import torch

@@ -305,7 +305,6 @@ class PPOStage(Stage):
         rcfg, pcfg = cfg.rollout, cfg.ppo
         models, device, n = trainer.models, trainer.device, rcfg.n
         actor = models["policy"]
-        world = trainer.world_size
 
         # 1. rollout
         t0 = time.perf_counter()
@@ -368,7 +367,7 @@ class PPOStage(Stage):
             "objective/scores": g[0] / seqs, "objective/kl": kl_mean, "objective/kl_exact": g[2] / seqs,
             "objective/entropy": g[3] / seqs, "objective/rlhf_reward": g[8] / seqs,
             "response_length/mean": g[4] / seqs, "response_length/clip_ratio": g[5] / seqs,
-            "rollout/logprob_gap": g[6] / max(g[4], 1.0), "rollout/tokens_per_s": g[4] / max(rollout_s, 1e-9) / world,
+            "rollout/logprob_gap": g[6] / max(g[4], 1.0), "rollout/tokens_per_s": g[4] / max(rollout_s, 1e-9),
             "kl/coef": coef, **upd,
         }
         if values is not None:

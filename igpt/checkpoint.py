@@ -145,20 +145,25 @@ def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
         return load_file(st)
     dcp_dir = os.path.join(ckpt_dir, "model")
     if os.path.isdir(dcp_dir):
-        # DCP reads without a process group into a plain state dict whose shapes come from the checkpoint metadata.
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        reader = dcp.FileSystemReader(dcp_dir)
-        md = reader.read_metadata()
-        state = {
-            k: torch.empty(v.size, dtype=v.properties.dtype)
-            for k, v in md.state_dict_metadata.items()
-            if isinstance(v, TensorStorageMetadata)
-        }
-        dcp.load(state, storage_reader=reader, no_dist=True)
-        return state
+        return read_dcp(dcp_dir)
     raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or model/ (DCP) weights")
+
+
+def read_dcp(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch.distributed.checkpoint folder, read in one process without a process group (shapes
+    from the checkpoint's metadata; keys flattened as DCP stores them, e.g. ``optim.state.<param>.exp_avg``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(path)
+    md = reader.read_metadata()
+    state = {
+        k: torch.empty(v.size, dtype=v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
 
 
 def load_weights(

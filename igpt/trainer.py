@@ -114,6 +114,8 @@ class Trainer:
         self._setup_data()
         self._setup_run_dir()
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
+        # fault injection for tests: rank 0's first micro-batch gets a NaN loss at these steps (comma list)
+        self._fault_nan_steps = {int(s) for s in os.environ.get("IGPT_FAULT_NAN_STEPS", "").split(",") if s.strip()}
         # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
         resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" and self.is_main else None
         resume_from = self.strategy.broadcast_object(resume_from)
@@ -199,6 +201,22 @@ class Trainer:
             self.models[spec.role] = self.build_model(spec, first=i == 0, resuming=resuming)
         #: the trainable models, main one first: what a checkpoint holds
         self.trainable = {role: h for role, h in self.models.items() if h.trainable}
+        self._watch_compute_dtype()
+
+    def _watch_compute_dtype(self) -> None:
+        """Record the dtype the main model's first matrix multiply really computes in (autocast, FSDP's mixed
+        precision or DeepSpeed's bf16 all show there), once, for the log and the first train record."""
+        self.compute_dtype: str | None = None
+        module = next(iter(self.trainable.values())).module
+        first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+        def hook(mod, args, out) -> None:
+            self.compute_dtype = str(out.dtype).removeprefix("torch.")
+            log.info("compute dtype: %s (precision=%s, strategy=%s)", self.compute_dtype, self.cfg.precision,
+                     self.cfg.strategy.name)
+            handle.remove()
+
+        handle = first.register_forward_hook(hook)
 
     def backends(self) -> tuple[str, str]:
         """The attention and loss backends that run here (resolved once; a fallback is logged with its reason)."""
@@ -330,6 +348,9 @@ class Trainer:
         for i, micro in enumerate(self.micro_batches(batch)):
             with model.no_sync(last_micro=i == self.accum - 1), self.strategy.autocast():
                 out = self.stage.loss(self.models, micro)
+                if i == 0 and self.is_main and self.step + 1 in self._fault_nan_steps:
+                    log.warning("IGPT_FAULT_NAN_STEPS: a non-finite loss at step %d", self.step + 1)
+                    out.loss_sum = out.loss_sum * float("nan")
                 model.backward(out.loss_sum * scale)
             loss_sum += out.loss_sum.detach().to(torch.float64)
             for k, v in out.metrics.items():
@@ -484,6 +505,9 @@ class Trainer:
         return bad_in_a_row
 
     def _train_record(self, out: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+        if self.compute_dtype is not None and not getattr(self, "_dtype_logged", False):
+            out["compute_dtype"] = self.compute_dtype  # in the first record after a start or a resume
+            self._dtype_logged = True
         return {
             "step": self.step, "split": "train", "loss": out.pop("loss"), "lr": out.pop("lr"),
             "grad_norm": out.pop("grad_norm"), "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,

@@ -42,9 +42,9 @@ def overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
     ]
 
 
-def torchrun(args: list[str], nproc: int = 2) -> None:
+def torchrun(args: list[str], nproc: int = 2, **env_extra: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "igpt/train.py"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"

@@ -508,6 +508,8 @@ class Trainer:
         if self.compute_dtype is not None and not getattr(self, "_dtype_logged", False):
             out["compute_dtype"] = self.compute_dtype  # in the first record after a start or a resume
             self._dtype_logged = True
+        if self.cfg.data.skip_corrupt:  # corrupt shards skipped so far, all ranks (collective: every rank is here)
+            out["skipped_shards"] = int(self.global_sum([self.train_loader.stats["skipped_shards"]])[0])
         return {
             "step": self.step, "split": "train", "loss": out.pop("loss"), "lr": out.pop("lr"),
             "grad_norm": out.pop("grad_norm"), "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,

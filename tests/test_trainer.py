@@ -15,7 +15,7 @@ import torch
 from igpt.config import OptimConfig
 from igpt.trainer import lr_at
 from tests.conftest import REPO, TINY
-from tests.trainutil import compose_config, make_trainer, read_metrics, train, train_and_stop
+from tests.trainutil import compose_config, make_trainer, read_metrics, train, train_and_stop, train_steps
 
 
 def base(data_dir: str, run_dir: str, *extra: str) -> list[str]:
@@ -40,6 +40,7 @@ def test_resume_equals_uninterrupted_run(prepared_text_dir, tmp_path):
 
     train(base(prepared_text_dir, part, "trainer.max_steps=10"))
     resumed = read_metrics(part)
+    assert train_steps(part) == list(range(1, 11))  # the second run began after step 6: no step logged twice
     assert not os.path.exists(os.path.join(part, "preempted"))
     assert sorted(resumed) == list(range(1, 11))
     for step in range(1, 11):
@@ -249,3 +250,83 @@ def test_activation_checkpointing_same_losses_and_plain_checkpoint(prepared_text
     a, b = read_model_state(resolve(plain)), read_model_state(resolve(ac))
     assert sorted(a) == sorted(b)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(prepared_text_dir, tmp_path):
+    """The newest checkpoint's weights truncated: resume=auto warns, resumes from the previous complete checkpoint
+    (steps after it are run again, none before), and every loss from there equals the uninterrupted run's."""
+    import shutil
+
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(base(prepared_text_dir, full, "trainer.max_steps=10"))
+    shutil.copytree(full, part)
+    for name in os.listdir(os.path.join(part, "checkpoints")):
+        if name in ("step_0000010",):
+            shutil.rmtree(os.path.join(part, "checkpoints", name))
+    with open(os.path.join(part, "checkpoints", "latest"), "w") as f:
+        f.write("step_0000008\n")
+    weights = os.path.join(part, "checkpoints", "step_0000008", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with open(os.path.join(part, "metrics.jsonl"), "w") as f:  # the log as it stood at step 8
+        f.writelines(line for line in open(os.path.join(full, "metrics.jsonl")) if json.loads(line)["step"] <= 8)
+    os.remove(os.path.join(part, "logs", "rank0.log"))
+    train(base(prepared_text_dir, part, "trainer.max_steps=10"))
+    log = open(os.path.join(part, "logs", "rank0.log")).read()
+    assert "step_0000008 named by" in log and "is incomplete" in log, log
+    assert "resuming from" in log and "step_0000004, the newest complete checkpoint" in log, log
+    assert train_steps(part) == [*range(1, 9), *range(5, 11)]  # resumed after 4: steps 5..8 again, 1..4 not
+    ref, got = read_metrics(full), read_metrics(part)
+    for step in range(5, 11):
+        assert got[step]["loss"] == ref[step]["loss"], step
+
+
+def test_keep_last_prunes_old_checkpoints(prepared_text_dir, tmp_path):
+    run = str(tmp_path / "r")
+    train(base(prepared_text_dir, run, "trainer.max_steps=10", "trainer.ckpt_every=2", "trainer.keep_last=2"))
+    assert sorted(d for d in os.listdir(os.path.join(run, "checkpoints")) if d.startswith("step_")) == [
+        "step_0000008", "step_0000010"]
+    train(base(prepared_text_dir, str(tmp_path / "all"), "trainer.max_steps=6", "trainer.ckpt_every=2",
+               "trainer.keep_last=0"))
+    assert len([d for d in os.listdir(tmp_path / "all" / "checkpoints") if d.startswith("step_")]) == 3
+
+
+def test_tied_embeddings_train_resume_and_store_one_matrix(prepared_text_dir, tmp_path):
+    """model.tie_embeddings=true through the trainer: lm_head is embed_tokens in training, the checkpoint stores the
+    matrix once, and a resumed run continues exactly."""
+    from safetensors import safe_open
+
+    tied = ("model.tie_embeddings=true", "trainer.max_steps=6", "trainer.ckpt_every=3")
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(base(prepared_text_dir, full, *tied))
+    trainer = train_and_stop(base(prepared_text_dir, part, *tied), at_step=4)
+    model = trainer.models["policy"].module
+    assert model.lm_head.weight is model.embed_tokens.weight
+    with safe_open(os.path.join(part, "checkpoints", "step_0000004", "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "embed_tokens.weight" in f.keys()
+    train(base(prepared_text_dir, part, *tied))
+    assert train_steps(part) == list(range(1, 7))
+    ref, got = read_metrics(full), read_metrics(part)
+    for step in range(1, 7):
+        assert got[step]["loss"] == ref[step]["loss"], step
+
+
+def test_skip_corrupt_shards_through_the_trainer(prepared_text_dir, tmp_path):
+    """A truncated train shard: without data.skip_corrupt the run stops naming it; with it, the run goes on and the
+    number of skipped shards reaches metrics.jsonl."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(prepared_text_dir, data)
+    index = json.load(open(os.path.join(data, "index.json")))
+    name = index["splits"]["train"]["shards"][2]["name"]
+    path = os.path.join(data, name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+    with pytest.raises(Exception, match=f"shard {name}"):
+        train(base(data, str(tmp_path / "strict"), "trainer.max_steps=40", "data.num_partitions=4"))
+    run = str(tmp_path / "skip")
+    train(base(data, run, "trainer.max_steps=40", "data.skip_corrupt=true", "data.num_partitions=4"))
+    metrics = read_metrics(run)
+    assert sorted(metrics) == list(range(1, 41))
+    assert metrics[40]["skipped_shards"] == 1 and metrics[1]["skipped_shards"] in (0, 1)

@@ -137,21 +137,29 @@ def test_sbatch_pretrain_runs_to_completion(slurm, reference_job):
     print(f"\nuninterrupted sbatch job: {seconds:.1f} s")
 
 
-def test_preempted_job_requeues_and_resumes(slurm, prepared_text_dir, runs_dir, reference_job):
-    """USR1 to the batch shell mid-run: checkpoint, `scontrol requeue`, resume in the same run dir, same losses."""
-    _, ref_dir, _ = reference_job
-    t0 = time.monotonic()
-    job = submit(slurm, "slurm/pretrain.sbatch", runs_dir, overrides(prepared_text_dir))
+def start_and_wait_for_step(slurm: SlurmCluster, data_dir: str, runs_dir: Path, step: int) -> tuple[int, Path]:
+    """Submit the pretraining job and return (job id, run dir) once it has logged ``step`` training steps."""
+    job = submit(slurm, "slurm/pretrain.sbatch", runs_dir, overrides(data_dir))
     run_dir = runs_dir / f"igpt-pretrain-{job}"
     deadline = time.monotonic() + 240
-    while len(train_steps(run_dir)) < 5:
-        assert time.monotonic() < deadline, f"job {job} never reached step 5\n{job_log(run_dir, job)}\n{slurm.logs()}"
+    while len(train_steps(run_dir)) < step:
+        assert time.monotonic() < deadline, f"job {job} stuck before step {step}\n{job_log(run_dir, job)}"
         assert slurm.job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_log(run_dir, job)
         time.sleep(0.05)
+    return job, run_dir
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_preempted_job_requeues_and_resumes(slurm, prepared_text_dir, runs_dir, reference_job, sig):
+    """USR1 (what `#SBATCH --signal=B:USR1@<s>` sends before the time limit) or TERM (`scancel --batch
+    --signal=TERM`, a preemption) to the batch shell mid-run: checkpoint, `scontrol requeue`, resume in the same run
+    dir, the same losses as the uninterrupted job."""
+    _, ref_dir, _ = reference_job
+    t0 = time.monotonic()
+    job, run_dir = start_and_wait_for_step(slurm, prepared_text_dir, runs_dir, 5)
     signalled_after = max(train_steps(run_dir))
     t_signal = time.monotonic()
-    # What `#SBATCH --signal=B:USR1@<s>` does when the time limit approaches: signal the batch shell only.
-    slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    slurm.run(["scancel", "--batch", f"--signal={sig}", str(job)])  # the batch shell only, as --signal=B: does
     try:
         info = slurm.wait_for_state(job, {"COMPLETED"}, timeout=300)
     except RuntimeError as e:
@@ -160,7 +168,7 @@ def test_preempted_job_requeues_and_resumes(slurm, prepared_text_dir, runs_dir, 
     log = job_log(run_dir, job)
 
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", (info, log)
-    assert "received SIGUSR1" in log and f"requeueing job {job}" in log and "(restart 1)" in log, log
+    assert f"received SIG{sig}" in log and f"requeueing job {job}" in log and "(restart 1)" in log, log
     steps = train_steps(run_dir)
     assert len(steps) == len(set(steps)), f"a checkpointed stop must not redo steps after the requeue: {steps}"
     stop_line = next(ln for ln in log.splitlines() if "run stopped early" in ln)
@@ -176,6 +184,23 @@ def test_preempted_job_requeues_and_resumes(slurm, prepared_text_dir, runs_dir, 
         f"\npreempted job: stopped at step {stopped_at}, {t_done - t0:.1f} s in all, "
         f"{t_done - t_signal:.1f} s from the signal to completion"
     )
+
+
+def test_scancel_checkpoints_and_does_not_requeue(slurm, prepared_text_dir, runs_dir, reference_job):
+    """A plain `scancel`: Slurm signals the batch shell and every rank; they checkpoint the step they are in before
+    KillWait runs out, the requeue is refused (the job is cancelled), and the same command resumes it later."""
+    job, run_dir = start_and_wait_for_step(slurm, prepared_text_dir, runs_dir, 5)
+    slurm.run(["scancel", str(job)])
+    info = slurm.wait_for_state(job, {"CANCELLED"}, timeout=120)
+    deadline = time.monotonic() + 60
+    while not (run_dir / "preempted").exists() and time.monotonic() < deadline:  # the ranks write it as they stop
+        time.sleep(0.1)
+    log = job_log(run_dir, job)
+    assert info["Restarts"] == "0", (info, log)
+    stopped = json.loads((run_dir / "preempted").read_text())["step"]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped:07d}" and 5 <= stopped < MAX_STEPS, (latest, stopped, log)
+    assert sorted(set(train_steps(run_dir))) == list(range(1, stopped + 1))
 
 
 def test_sbatch_sft_with_one_process_per_node(slurm, prepared_sft_dir, runs_dir, reference_job):

@@ -21,16 +21,17 @@ import torch.distributed as dist
 
 from igpt.checkpoint import read_meta, read_model_state
 from tests.conftest import REPO, TINY
-from tests.trainutil import read_metrics, train
+from tests.trainutil import read_metrics, train, train_steps
 
 pytestmark = pytest.mark.dist
 
 STEPS = 10
 TOL = 1e-5  # fp32: per-step loss and final parameters against the single-process run
 # bf16 compute (FSDP param_dtype / DeepSpeed bf16) against single-process bf16 autocast: measured <= 8e-4 per-step loss
-# difference and 0.3% relative L2 distance of the final weights (single-process fp32 vs bf16 differ by 0.3% too)
-BF16_LOSS_TOL = 5e-3
-BF16_PARAM_REL_TOL = 1e-2
+# difference and 0.3% relative L2 distance of the final weights; the tolerances allow 2.5x and 2x that. (Single-process
+# fp32 and bf16 differ by about as much, so what shows that bf16 really ran is the compute dtype each run records.)
+BF16_LOSS_TOL = 2e-3
+BF16_PARAM_REL_TOL = 6e-3
 
 
 def overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
@@ -38,7 +39,7 @@ def overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
         "+stage=pretrain", f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, "trainer.global_batch_size=8",
         "trainer.micro_batch_size=2", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.ckpt_every=4",
         "trainer.progress=false", "trainer.sample_every_eval=false", "logger.wandb.mode=disabled",
-        "optim.warmup_steps=2", "optim.lr=3e-3", "trainer.eval_batches=2", *extra,
+        "optim.warmup_steps=2", "optim.lr=3e-3", "trainer.eval_batches=0", *extra,
     ]
 
 
@@ -93,16 +94,17 @@ def runs(prepared_text_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("strategies")
     done: dict[tuple[str, str], str] = {}
 
-    def get(strategy: str, precision: str = "fp32") -> str:
-        if (strategy, precision) not in done:
-            run_dir = str(root / f"{strategy}-{precision}")
-            args = overrides(prepared_text_dir, run_dir, f"strategy={strategy}", f"precision={precision}")
+    def get(strategy: str, precision: str = "fp32", *extra: str) -> str:
+        key = (strategy, precision, *extra)
+        if key not in done:
+            run_dir = str(root / "-".join(key).replace("=", "_").replace(".", "_"))
+            args = overrides(prepared_text_dir, run_dir, f"strategy={strategy}", f"precision={precision}", *extra)
             if strategy == "single":
                 train(args)
             else:
                 torchrun(args)
-            done[strategy, precision] = run_dir
-        return done[strategy, precision]
+            done[key] = run_dir
+        return done[key]
 
     return get
 
@@ -123,11 +125,29 @@ def test_two_ranks_match_one_process(runs, strategy):
     got, want = read_metrics(run_dir), read_metrics(ref)
     for step in range(1, STEPS + 1):  # the gradient (hence clipping) is the same too
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4, abs=1e-6), step
+    # validation over the whole val split, where rank 1 runs out of data before rank 0 and runs masked batches
+    gv, rv = read_metrics(run_dir, "val")[STEPS], read_metrics(ref, "val")[STEPS]
+    for key in ("loss", "bpb"):
+        assert abs(gv[key] - rv[key]) <= TOL, (key, gv[key], rv[key])
+    assert read_metrics(run_dir)[1]["compute_dtype"] == "float32"
     files = set(os.listdir(ckpt(run_dir, STEPS)))
     if strategy == "fsdp":  # sharded DCP, no consolidated file
         assert {"model", "optim"} <= files and "model.safetensors" not in files
     elif strategy.startswith("zero"):
         assert {"model.safetensors", "deepspeed"} <= files
+
+
+def test_ranks_run_out_of_val_data_unevenly(prepared_text_dir):
+    """The val split gives rank 1 fewer batches than rank 0 on 2 ranks: the parity test above compares the masked
+    batches a rank out of data runs against one process."""
+    from igpt.data.loader import ShardLoader
+
+    counts = [
+        sum(1 for _ in ShardLoader(prepared_text_dir, "val", seq_len=64, global_batch_size=8, rank=r, world_size=2,
+                                   num_partitions=8, loop=False, shuffle=False))
+        for r in range(2)
+    ]
+    assert counts[0] != counts[1], counts
 
 
 def test_fsdp_resume_two_ranks_to_one_and_back(runs, prepared_text_dir, tmp_path):
@@ -137,22 +157,28 @@ def test_fsdp_resume_two_ranks_to_one_and_back(runs, prepared_text_dir, tmp_path
     one = truncated_copy(full, str(tmp_path / "one"), 4)
     train(overrides(prepared_text_dir, one, "strategy=fsdp"))  # one process, no torchrun
     assert read_meta(ckpt(one, 8))["world_size"] == 1
+    assert train_steps(one) == list(range(1, STEPS + 1))  # it began after step 4
     assert_same_run(one, full, range(5, STEPS + 1), TOL)
 
     two = truncated_copy(one, str(tmp_path / "two"), 8)
     torchrun(overrides(prepared_text_dir, two, "strategy=fsdp"))
     assert read_meta(ckpt(two, STEPS))["world_size"] == 2
+    assert train_steps(two) == list(range(1, STEPS + 1))  # it began after step 8
     assert_same_run(two, full, range(9, STEPS + 1), TOL)
     assert_same_run(two, runs("single"), range(1, STEPS + 1), TOL)
 
 
-def test_zero3_resume_equals_uninterrupted_run(runs, prepared_text_dir, tmp_path):
-    """ZeRO-3 resumes from DeepSpeed's own checkpoint exactly; at another world size it stops with a clear error."""
-    full = runs("zero3")
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_zero_resume_equals_uninterrupted_run(runs, prepared_text_dir, tmp_path, strategy):
+    """ZeRO resumes from DeepSpeed's own checkpoint exactly; at another world size it stops with a clear error."""
+    full = runs(strategy)
     data_dir = prepared_text_dir
     part = truncated_copy(full, str(tmp_path / "part"), 4)
-    torchrun(overrides(data_dir, part, "strategy=zero3"))
+    torchrun(overrides(data_dir, part, f"strategy={strategy}"))
+    assert train_steps(part) == list(range(1, STEPS + 1))  # it began after step 4
     assert_same_run(part, full, range(5, STEPS + 1), 1e-6)
+    if strategy != "zero3":
+        return
     other = truncated_copy(full, str(tmp_path / "other"), 4)
     try:
         with pytest.raises(ValueError, match="same world size"):
@@ -215,6 +241,8 @@ def test_deepspeed_config_is_generated_from_ours():
 def test_bf16_two_ranks_close_to_one_process(runs, strategy):
     """bf16 compute: 2 ranks stay within BF16_LOSS_TOL of the single-process bf16-autocast run at every step."""
     ref, got = read_metrics(runs("single", "bf16")), read_metrics(runs(strategy, "bf16"))
+    # what each computes in: autocast (single), MixedPrecisionPolicy.param_dtype (fsdp), DeepSpeed bf16 (zero2)
+    assert ref[1]["compute_dtype"] == got[1]["compute_dtype"] == "bfloat16"
     for step in range(1, STEPS + 1):
         assert abs(got[step]["loss"] - ref[step]["loss"]) <= BF16_LOSS_TOL, (step, got[step]["loss"], ref[step]["loss"])
     a, b = read_model_state(ckpt(runs(strategy, "bf16"), STEPS)), read_model_state(ckpt(runs("single", "bf16"), STEPS))
@@ -222,3 +250,12 @@ def test_bf16_two_ranks_close_to_one_process(runs, strategy):
     dist_l2 = sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) ** 0.5
     norm_l2 = sum(float((b[k] ** 2).sum()) for k in b) ** 0.5
     assert dist_l2 / norm_l2 <= BF16_PARAM_REL_TOL, f"final weights differ by {dist_l2 / norm_l2:.2%} (relative L2)"
+
+
+def test_tied_embeddings_two_ranks_match_one_process(runs):
+    """model.tie_embeddings=true (gpt2_124m and llama_1b are tied) under ZeRO-3, which has its own path for the shared
+    matrix (one gather, both state-dict keys): 2 ranks against one process."""
+    tied = "model.tie_embeddings=true"
+    ref, run_dir = runs("single", "fp32", tied), runs("zero3", "fp32", tied)
+    assert_same_run(run_dir, ref, range(1, STEPS + 1), TOL)
+    assert "lm_head.weight" not in read_model_state(ckpt(run_dir, STEPS))  # stored once

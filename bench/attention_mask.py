@@ -1,13 +1,13 @@
 """Packed-document attention: the old dense-mask path against igpt's sdpa path, peak memory and time of fwd+bwd.
 
     python bench/attention_mask.py [--seq-lens 2048,8192,32768] [--heads 4] [--kv-heads 2] [--head-dim 64]
-                                   [--batch 1] [--paths dense,sdpa] [--repeats 2] [--device cpu] [--json out.json]
+                                   [--batch 1] [--paths dense,sdpa] [--repeats 3] [--device cpu] [--json out.json]
 
 A batch of ``--batch`` rows of S tokens is cut from a stream of documents whose lengths are log-uniform between
-``--doc-min`` and ``--doc-max`` tokens (100 and 4000 by default, median ~630; a document crossing a row end continues
-in the next row, whose positions restart at 0; the first row starts at a random point of the stream). One attention layer runs forward and backward over it
-(``attention(q, k, v, info, "sdpa")`` of ``igpt/model/attention.py``, GQA with ``--heads`` query and ``--kv-heads``
-key/value heads) through two paths:
+``--doc-min`` and ``--doc-max`` tokens (100 and 4000 by default, median ~630; the first row starts at a random point
+of the stream, and a document crossing a row end continues in the next row, whose positions restart at 0). One
+attention layer runs forward and backward over it (``attention(q, k, v, info, "sdpa")`` of
+``igpt/model/attention.py``, GQA with ``--heads`` query and ``--kv-heads`` key/value heads) through two paths:
 
 - ``dense``: what the sdpa backend did before: a ``(B, 1, S, S)`` boolean mask (causal and same document) passed
   to ``scaled_dot_product_attention``, which turns it into an additive float mask;
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--doc-min", type=int, default=100)
     ap.add_argument("--doc-max", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--json", default=None, help="also write the results to this file")

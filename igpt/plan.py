@@ -290,7 +290,7 @@ class _FusedLossFootprint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         from igpt.kernels.fused_linear_cross_entropy import default_chunk_size
 
         n, h = hidden.shape
@@ -307,11 +307,14 @@ class _FusedLossFootprint(torch.autograd.Function):
         return loss.sum()
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):  # noqa: ANN205
+    def backward(ctx, grad_loss: torch.Tensor):
         return ctx.saved_tensors
 
 
-def _fused_loss_footprint(hidden, weight, target, ignore_index=-100, reduction="sum", **_):  # noqa: ANN001, ANN202
+def _fused_loss_footprint(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *args, **kwargs
+) -> torch.Tensor:
+    """Stands in for ``igpt.kernels.fused_linear_cross_entropy`` in the trace (same arguments, same buffers)."""
     if torch.is_autocast_enabled(hidden.device.type):  # as the kernel does: cast to the autocast dtype first
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)

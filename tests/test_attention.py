@@ -150,8 +150,7 @@ def test_model_loss_and_gradients_unchanged(monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss, grads = run()
-    dense = lambda q, k, v, info, backend: dense_mask_attention(q, k, v, pos)  # noqa: E731
-    monkeypatch.setattr(transformer_mod, "attention", dense)
+    monkeypatch.setattr(transformer_mod, "attention", lambda q, k, v, info, backend: dense_mask_attention(q, k, v, pos))
     want_loss, want_grads = run()
     torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-6)
     for name, g in grads.items():

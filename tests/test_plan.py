@@ -23,7 +23,7 @@ MODELS = ("tiny", "gpt2_124m")
 STRATEGIES = ("single", "fsdp", "zero3")
 
 
-def state_bytes(strategy) -> int:  # noqa: ANN001
+def state_bytes(strategy) -> int:
     """Bytes of parameters, master weights and optimizer state this rank holds (each storage once)."""
     import torch
     from torch.distributed.tensor import DTensor
@@ -31,7 +31,7 @@ def state_bytes(strategy) -> int:  # noqa: ANN001
     seen: set[int] = set()
     total = 0
 
-    def add(t) -> None:  # noqa: ANN001
+    def add(t) -> None:
         nonlocal total
         if not isinstance(t, torch.Tensor):
             return

@@ -161,12 +161,12 @@ class _ToSlots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:
         ctx.save_for_backward(slots)
         return x.new_zeros((total, *x.shape[1:])).index_copy_(0, slots, x)  # (total, ...)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+    def backward(ctx, grad: torch.Tensor):
         (slots,) = ctx.saved_tensors
         return grad.index_select(0, slots), None, None
 
@@ -175,13 +175,13 @@ class _FromSlots(torch.autograd.Function):
     """The inverse of :class:`_ToSlots`: rows ``slots`` of ``y`` ``(total, ...)``; padding rows get no gradient."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(slots)
         ctx.total = y.shape[0]
         return y.index_select(0, slots)  # (N, ...)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+    def backward(ctx, grad: torch.Tensor):
         (slots,) = ctx.saved_tensors
         return grad.new_zeros((ctx.total, *grad.shape[1:])).index_copy_(0, slots, grad), None
 
@@ -198,12 +198,13 @@ def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: Atte
     sizes = [n * p for n, p in info.groups]
     total = sum(sizes)
     qs, ks, vs = (
-        _ToSlots.apply(t.reshape(b * s, t.shape[2], d), info.slots, total).split(sizes) for t in (q, k, v)
+        _ToSlots.apply(t.reshape(b * s, t.shape[2], d), info.slots, total).split(sizes)  # (B*S, H, D) -> (T, H, D)
+        for t in (q, k, v)
     )  # per group (n * P, H, D)
     outs = []
     for (n, p), qg, kg, vg in zip(info.groups, qs, ks, vs):
         out = _sdpa(qg.view(n, p, hq, d), kg.view(n, p, -1, d), vg.view(n, p, -1, d), None)  # (n, P, Hq, D)
-        outs.append(out.reshape(n * p, hq, d))
+        outs.append(out.reshape(n * p, hq, d))  # (n*P, Hq, D)
     out = _FromSlots.apply(torch.cat(outs), info.slots)  # (B*S, Hq, D): tokens back in order, padding dropped
     return out.view(b, s, hq, d)  # (B, S, Hq, D)
 

@@ -3,9 +3,9 @@ traced activation peak against a real run's peak resident memory, its fit from s
 depth, the micro-batch search, and its command line.
 
 The measured side wraps ``model=tiny`` and ``model=gpt2_124m`` with ``strategy=fsdp`` and ``strategy=zero3`` on 2 gloo
-CPU processes (and ``strategy=single`` in one of them), takes one optimizer step on a batch of 1 x 8 tokens so the
-AdamW state exists, and sums the bytes each rank holds in parameters, master weights and optimizer state (every
-storage once, as ``bench/strategies.py`` counts them).
+CPU processes (and ``strategy=single`` in one of them, per model), takes one optimizer step on a batch of 1 x 8
+tokens so the AdamW state exists, and sums the bytes each rank holds in parameters, master weights and optimizer
+state (every storage once, as ``bench/strategies.py`` counts them).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def measure(out: str) -> None:
     for model_name in MODELS:
         cfg = compose([f"model={model_name}"])[0]
         for name in STRATEGIES:
-            if name == "single" and int(os.environ["RANK"]) != 0:
-                continue
+            if name == "single" and int(os.environ["RANK"]) != MODELS.index(model_name) % 2:
+                continue  # one rank per model, so the other goes on to build its next model meanwhile
             torch.manual_seed(0)
             strategy = build_strategy(StrategyConfig(name=name), "fp32", torch.device("cpu"))
             model, _ = strategy.wrap(Transformer(cfg.model), OptimConfig())

@@ -303,7 +303,13 @@ def test_flops_and_params_count():
 
 @pytest.mark.parametrize(
     "name,params",
-    [("tiny", None), ("gpt2_124m", 123_587_328), ("llama_1b", 1_235_814_400), ("llama_8b", 8_030_261_248)],
+    [
+        ("tiny", None),
+        ("gpt2_124m", 123_587_328),
+        ("llama_1b", 1_235_814_400),
+        ("llama_8b", 8_030_261_248),
+        ("llama_70b", 70_553_706_496),
+    ],
 )
 def test_model_configs_build_with_published_sizes(name, params):
     with open(os.path.join(ROOT, "conf", "model", f"{name}.yaml"), encoding="utf-8") as f:
@@ -311,5 +317,5 @@ def test_model_configs_build_with_published_sizes(name, params):
     assert cfg.name == name
     with torch.device("meta"):
         model = Transformer(cfg)
-    if params is not None:  # Llama-3.2-1B and Llama-3-8B parameter counts as published by Meta / Hugging Face
+    if params is not None:  # Llama-3.2-1B, Llama-3-8B and -70B counts as published by Meta / HF
         assert num_params(model) == params

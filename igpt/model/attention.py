@@ -1,4 +1,4 @@
-"""The attention entry point: one call, three backends, document masking for packed rows.
+"""The attention entry point: one call, three backends, document masking for packed rows in O(S) memory.
 
 ``attention(q, k, v, info, backend)`` takes q ``(B, S, Hq, D)`` and k, v ``(B, S, Hkv, D)`` (grouped-query attention
 when ``Hkv < Hq``) and returns ``(B, S, Hq, D)``. ``info`` says which tokens may attend to which:
@@ -6,18 +6,26 @@ when ``Hkv < Hq``) and returns ``(B, S, Hq, D)``. ``info`` says which tokens may
 - ``None``: plain causal attention over the whole row;
 - a ``position_ids`` tensor ``(B, S)``: causal attention inside each document, doc id = ``cumsum(position_ids == 0)``
   along the row (docs/internals.md "Batches");
-- an :class:`AttentionInfo` built once per forward by :func:`attention_info` (what the model passes, so the mask or
-  the ``cu_seqlens`` are not rebuilt in every layer).
+- an :class:`AttentionInfo` built once per forward by :func:`attention_info` (what the model passes, so the document
+  layout is not worked out again in every layer).
 
-Backends, following nanochat's flash-attn-shaped entry point and torchtitan's config-chosen attention:
+Every backend sees a packed batch as ``B * S`` tokens cut into segments at every document start and every row start
+(a document split across rows restarts at the row start), with ``cu_seqlens`` the int32 offsets of those cuts (the
+flash-attn varlen convention). Backends, following nanochat's flash-attn-shaped entry point and torchtitan's
+config-chosen attention:
 
-- ``sdpa``: :func:`torch.nn.functional.scaled_dot_product_attention`; ``is_causal=True`` without document boundaries,
-  else a ``(B, 1, S, S)`` boolean mask (causal and same document). Runs everywhere.
+- ``sdpa``: :func:`torch.nn.functional.scaled_dot_product_attention` with ``is_causal=True``, never with a mask. Rows
+  holding one document each go through in one call. Packed rows are attention of many short causal sequences: the
+  segments are sorted by length and cut into a few groups of similar length; each group's tokens are copied into a
+  ``(n, P, H, D)`` batch, its shorter segments followed by zero rows up to the group's longest ``P``, and the group
+  runs as one causal SDPA call. Padding at the end of a causal sequence is never attended to by its real tokens, so
+  their outputs and gradients are exact; the padded outputs are dropped when the groups are copied back. Memory is
+  O(S) in the row length (the regrouped q, k, v and outputs; SDPA's CPU and CUDA flash kernels keep no score
+  matrix), where a dense ``(B, 1, S, S)`` document mask costs O(S^2) and keeps CUDA SDPA off its flash kernel
+  (``bench/attention_mask.py`` measures both). FlexAttention, the other way to skip a dense mask, has no backward
+  pass on CPU in torch 2.13.
 - ``flash``: flash-attn 2's ``flash_attn_func`` / ``flash_attn_varlen_func`` (CUDA only, imported lazily).
 - ``triton``: igpt's own kernels ``igpt.kernels.flash_attn_func`` / ``flash_attn_varlen_func`` (same call forms).
-
-The varlen backends see the packed batch as ``B * S`` tokens cut at every document start and every row start, with
-``cu_seqlens`` the int32 offsets of those cuts (the flash-attn varlen convention).
 
 :func:`resolve_attention_backend` checks that the requested backend can run on the device and falls back to ``sdpa``
 with a warning saying why (or raises with ``strict=True``); it logs which backend runs on ``logging.getLogger("igpt")``.
@@ -28,7 +36,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,19 +45,28 @@ log = logging.getLogger("igpt")
 
 BACKENDS = ("sdpa", "flash", "triton")
 
+# Grouping segments for the sdpa backend: a segment joins the group of the next longer ones while padding it up to the
+# group's length P adds at most P // PAD_FRACTION tokens (so at most ~1.3x the causal work of the unpadded segment),
+# or at most PAD_TOKENS: for short segments one more SDPA call costs more than a few padded tokens.
+PAD_FRACTION = 8
+PAD_TOKENS = 32
+
 
 @dataclass
 class AttentionInfo:
     """Which tokens attend to which, precomputed once per forward pass.
 
-    Exactly one form is set: ``causal_only`` (no document boundaries inside any row), ``mask`` for sdpa (``(B, 1, Sq,
-    Sk)`` bool, True = may attend) or ``cu_seqlens`` / ``max_seqlen`` for the varlen backends.
+    ``causal_only``: no document boundary inside any row (plain causal attention). Otherwise ``cu_seqlens`` (int32,
+    ``(n + 1,)``) and ``max_seqlen`` describe the segments of the flattened ``B * S`` tokens for the varlen backends;
+    for ``sdpa``, ``groups`` lists ``(n, P)`` per group of ``n`` segments padded to length ``P``, laid out one group
+    after the other in ``sum(n * P)`` slots, and ``slots`` ``(B * S,)`` (int64) holds the slot of each token.
     """
 
     causal_only: bool = True
-    mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    groups: list[tuple[int, int]] = field(default_factory=list)
+    slots: torch.Tensor | None = None
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -57,12 +74,50 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(position_ids == 0, dim=-1)
 
 
+def group_segments(lengths: list[int]) -> list[list[int]]:
+    """Cut segments (by their ``lengths``) into groups of similar length, longest first; returns segment indices.
+
+    A segment joins the current group when padding it to the group's longest length ``P`` adds at most
+    ``max(P // PAD_FRACTION, PAD_TOKENS)`` tokens.
+    """
+    groups: list[list[int]] = []
+    longest = 0
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        if groups and longest - lengths[i] <= max(longest // PAD_FRACTION, PAD_TOKENS):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            longest = lengths[i]
+    return groups
+
+
+def _padded_layout(cu_seqlens: torch.Tensor, lengths: list[int]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The sdpa backend's ``groups`` and ``slots`` (see :class:`AttentionInfo`) for the segments ``cu_seqlens``
+    ``(n + 1,)`` with host-side ``lengths``."""
+    device = cu_seqlens.device
+    starts = cu_seqlens[:-1].long()  # (n,)
+    groups = []
+    first_slot = torch.empty_like(starts)  # (n,) padded slot of each segment's first token
+    offset = 0
+    for members in group_segments(lengths):
+        m, p = len(members), lengths[members[0]]
+        first_slot[torch.tensor(members, device=device)] = offset + p * torch.arange(m, device=device)
+        groups.append((m, p))
+        offset += m * p
+    total = int(cu_seqlens[-1])
+    segment = torch.zeros(total, dtype=torch.long, device=device)  # (B*S,) segment index of every token
+    segment[starts[1:]] = 1
+    segment = segment.cumsum(0)
+    slots = torch.arange(total, device=device) + (first_slot - starts)[segment]  # (B*S,)
+    return groups, slots
+
+
 def attention_info(position_ids: torch.Tensor | None, backend: str) -> AttentionInfo:
     """Build the masking information ``backend`` needs for ``position_ids`` ``(B, S)`` (None: plain causal).
 
-    A row holding a single document (its only ``position_ids == 0`` at column 0, or none at all) needs no mask, so an
-    unpacked batch takes the ``is_causal`` fast path. Checking that costs one host-device sync per forward, not per
-    layer.
+    A row holding a single document (its only ``position_ids == 0`` at column 0, or none at all) needs no masking, so
+    an unpacked batch takes the ``is_causal`` fast path. The segment lengths are read on the host once per forward
+    (one host-device sync), never per layer.
     """
     if position_ids is None:
         return AttentionInfo(causal_only=True)
@@ -71,33 +126,87 @@ def attention_info(position_ids: torch.Tensor | None, backend: str) -> Attention
     starts = position_ids == 0  # (B, S)
     if not bool(starts[:, 1:].any()):
         return AttentionInfo(causal_only=True)
-    if backend == "sdpa":
-        doc = document_ids(position_ids)  # (B, S)
-        s = position_ids.shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()  # (S, S)
-        same_doc = doc[:, :, None] == doc[:, None, :]  # (B, S, S)
-        return AttentionInfo(causal_only=False, mask=(same_doc & causal)[:, None])  # (B, 1, S, S)
     b, s = position_ids.shape
     starts = starts.clone()
     starts[:, 0] = True  # every row starts a sequence, whatever its first position id
     offsets = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()  # (n,) start of each packed sequence
     end = torch.tensor([b * s], device=offsets.device, dtype=offsets.dtype)
     cu_seqlens = torch.cat([offsets, end]).to(torch.int32)  # (n + 1,)
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-    return AttentionInfo(causal_only=False, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    info = AttentionInfo(causal_only=False, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+    if backend == "sdpa":
+        info.groups, info.slots = _padded_layout(cu_seqlens, lengths)
+    return info
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA on ``(B, S, H, D)`` tensors: causal (``mask`` None) or with a boolean ``mask`` ``(B, 1, Sq, Sk)``."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
     gqa = q.shape[1] != k.shape[1]
-    if gqa and mask is not None and q.is_cuda:
-        # The memory-efficient CUDA kernel takes an arbitrary mask but not enable_gqa; repeating the kv heads keeps
-        # masked attention off the slow math path.
+    if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
+        # CUDA's memory-efficient kernel (the one for a mask, and for fp32, which flash does not take) has no
+        # enable_gqa; repeating the kv heads keeps attention off the O(S^2) math path.
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, Hq, S, D)
         gqa = False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
     return out.transpose(1, 2)  # (B, S, Hq, D)
+
+
+class _ToSlots(torch.autograd.Function):
+    """Rows ``x`` ``(N, ...)`` into ``total`` zero rows at ``slots`` ``(N,)`` (distinct); the backward reads them back.
+
+    Both directions are a copy (``index_copy`` / ``index_select``); ``x.index_select`` with duplicate indices would
+    need a scatter-add in its backward instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:
+        ctx.save_for_backward(slots)
+        return x.new_zeros((total, *x.shape[1:])).index_copy_(0, slots, x)  # (total, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slots,) = ctx.saved_tensors
+        return grad.index_select(0, slots), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    """The inverse of :class:`_ToSlots`: rows ``slots`` of ``y`` ``(total, ...)``; padding rows get no gradient."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(slots)
+        ctx.total = y.shape[0]
+        return y.index_select(0, slots)  # (N, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slots,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.total, *grad.shape[1:])).index_copy_(0, slots, grad), None
+
+
+@torch.compiler.disable  # the group sizes change with every batch: compiled, each would be a recompile
+def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: AttentionInfo) -> torch.Tensor:
+    """Causal attention inside each segment of ``info``, one SDPA call per group of similar-length segments.
+
+    Padding slots are zeros at the end of their segment's row: a real query never attends to them (causal), and
+    their own outputs are dropped.
+    """
+    assert info.slots is not None
+    b, s, hq, d = q.shape
+    sizes = [n * p for n, p in info.groups]
+    total = sum(sizes)
+    qs, ks, vs = (
+        _ToSlots.apply(t.reshape(b * s, t.shape[2], d), info.slots, total).split(sizes)  # (B*S, H, D) -> (T, H, D)
+        for t in (q, k, v)
+    )  # per group (n * P, H, D)
+    outs = []
+    for (n, p), qg, kg, vg in zip(info.groups, qs, ks, vs):
+        out = _sdpa(qg.view(n, p, hq, d), kg.view(n, p, -1, d), vg.view(n, p, -1, d), None)  # (n, P, Hq, D)
+        outs.append(out.reshape(n * p, hq, d))  # (n*P, Hq, D)
+    out = _FromSlots.apply(torch.cat(outs), info.slots)  # (B*S, Hq, D): tokens back in order, padding dropped
+    return out.view(b, s, hq, d)  # (B, S, Hq, D)
 
 
 def _kernels(backend: str):
@@ -129,14 +238,14 @@ def attention(
     if not isinstance(info, AttentionInfo):
         info = attention_info(info, backend)
     if backend == "sdpa":
-        if not info.causal_only and info.mask is None:
-            raise ValueError("attention_info was built for a varlen backend but the sdpa backend needs a mask")
-        return _sdpa(q, k, v, None if info.causal_only else info.mask)
+        if info.causal_only:
+            return _sdpa(q, k, v, None)
+        if info.slots is None:
+            raise ValueError("attention_info was built for a varlen backend but the sdpa backend needs its groups")
+        return _sdpa_segments(q, k, v, info)
     lib = _kernels(backend)
     if info.causal_only:
         return lib.flash_attn_func(q, k, v, causal=True)
-    if info.cu_seqlens is None:
-        raise ValueError(f"attention_info was built for sdpa but the {backend} backend needs cu_seqlens")
     b, s, hq, d = q.shape
     out = lib.flash_attn_varlen_func(
         q.reshape(b * s, hq, d),  # (B*S, Hq, D)

@@ -23,6 +23,17 @@ SHAPES = {  # name -> (dim, layers, heads, kv heads, ffn, vocab)
 }
 
 
+def best_rate(fn, repeats: int) -> float:
+    """New tokens per second of ``fn`` (which returns how many it made): one warm-up, then the best of ``repeats``."""
+    fn()
+    best, n = float("inf"), 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = fn()
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
@@ -65,25 +76,17 @@ def main() -> None:
             ids[i, :cut], real[i, :cut] = 1, False
         seeds = row_seeds(0, 0, torch.arange(args.batch))
 
-        def igpt_run() -> int:
+        def igpt_run(model=model, ids=ids, real=real, seeds=seeds) -> int:
             ro = sample_rollout(model, ids, real, args.new_tokens, seeds, temperature=1.0, pad_id=1)
             return int(ro.mask.sum())
 
-        def hf_run() -> int:
+        def hf_run(hf=hf, ids=ids, real=real) -> int:
             with torch.no_grad():
                 out = hf.generate(ids, attention_mask=real.long(), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=1)
             return (out.shape[1] - ids.shape[1]) * args.batch
 
-        rates = {}
-        for label, fn in (("hf", hf_run), ("igpt", igpt_run)):
-            fn()  # warm-up
-            best = float("inf")
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                n = fn()
-                best = min(best, time.perf_counter() - t)
-            rates[label] = n / best
+        rates = {label: best_rate(fn, args.repeats) for label, fn in (("hf", hf_run), ("igpt", igpt_run))}
         n_params = sum(q.numel() for q in model.parameters())
         print(f"{name:<7} {n_params / 1e6:>7.1f}M {rates['hf']:>18,.0f} {rates['igpt']:>11,.0f} "
               f"{rates['igpt'] / rates['hf']:>6.2f}")

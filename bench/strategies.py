@@ -30,41 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
-def state_bytes(handle) -> int:
-    """Bytes of parameters, master weights and optimizer state a model (``igpt.parallel.Wrapped``) holds on this rank
-    (each storage once)."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    seen: set[int] = set()
-    total = 0
-
-    def add(t) -> None:
-        nonlocal total
-        if not isinstance(t, torch.Tensor):
-            return
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        storage = t.untyped_storage()
-        if storage.nbytes() == 0 or storage.data_ptr() in seen:
-            return
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-
-    for p in handle.module.parameters():
-        add(p.data)
-        add(getattr(p, "ds_tensor", None))  # ZeRO-3: this rank's partition of the parameter
-    opt = handle.optimizer
-    inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
-    for group in inner.param_groups:
-        for p in group["params"]:  # DeepSpeed: the fp32 master partitions
-            add(p.data)
-    for state in inner.state.values():
-        for v in state.values():
-            add(v)
-    return total
-
-
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -108,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     dt = time.perf_counter() - t0
     row = {
         "strategy": args.worker, "rank": rank, "world": world, "steps_per_s": args.steps / dt,
-        "state_mib": state_bytes(model) / 2**20, "peak_mib": peak_memory_gb(device) * 1024, "params": n_params,
+        "state_mib": model.held_bytes() / 2**20, "peak_mib": peak_memory_gb(device) * 1024, "params": n_params,
     }
     rows = strategy.all_gather_object(row)
     if rank == 0:

@@ -23,39 +23,6 @@ MODELS = ("tiny", "gpt2_124m")
 STRATEGIES = ("single", "fsdp", "zero3")
 
 
-def state_bytes(strategy) -> int:
-    """Bytes of parameters, master weights and optimizer state this rank holds (each storage once)."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    seen: set[int] = set()
-    total = 0
-
-    def add(t) -> None:
-        nonlocal total
-        if not isinstance(t, torch.Tensor):
-            return
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        storage = t.untyped_storage()
-        if storage.nbytes() == 0 or storage.data_ptr() in seen:
-            return
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-
-    for p in strategy.module.parameters():
-        add(p.data)
-        add(getattr(p, "ds_tensor", None))  # ZeRO-3: this rank's partition
-    inner = getattr(strategy.optimizer, "optimizer", strategy.optimizer)  # DeepSpeed wraps the torch optimizer
-    for group in inner.param_groups:
-        for p in group["params"]:  # DeepSpeed: the fp32 master partitions
-            add(p.data)
-    for state in inner.state.values():
-        for v in state.values():
-            add(v)
-    return total
-
-
 def measure(out: str) -> None:
     """Worker (under torchrun, 2 ranks): wrap, step once, write every rank's bytes per (model, strategy)."""
     import gc
@@ -76,12 +43,12 @@ def measure(out: str) -> None:
                 continue  # one rank per model, so the other goes on to build its next model meanwhile
             torch.manual_seed(0)
             strategy = build_strategy(StrategyConfig(name=name), "fp32", torch.device("cpu"))
-            model, _ = strategy.wrap(Transformer(cfg.model), OptimConfig())
+            model = strategy.wrap_model(Transformer(cfg.model), OptimConfig())
             ids = torch.randint(0, cfg.model.vocab_size, (1, 8))
-            with strategy.no_sync(True):
-                strategy.backward(model(ids, labels=ids))
-            strategy.clip_and_step(1.0)
-            results.setdefault(model_name, {})[name] = state_bytes(strategy)
+            with model.no_sync(True):
+                model.backward(model(ids, labels=ids))
+            model.clip_and_step(1.0)
+            results.setdefault(model_name, {})[name] = model.held_bytes()
             del strategy, model
             gc.collect()
     gathered: list = [None] * dist.get_world_size()

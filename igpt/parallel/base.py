@@ -145,6 +145,39 @@ class Wrapped:
         """The full (unsharded) value of parameter ``name`` of the plain model, read-only (collective)."""
         yield self.module.get_parameter(name).detach()
 
+    def held_bytes(self) -> int:
+        """Bytes of parameters, fp32 master copies and optimizer state this rank holds for the model, each storage
+        counted once (a flat buffer that many parameters view counts once; FSDP's and ZeRO-3's local shards only)."""
+        from torch.distributed.tensor import DTensor
+
+        seen: set[int] = set()
+        total = 0
+
+        def add(t: Any) -> None:
+            nonlocal total
+            if not isinstance(t, torch.Tensor):
+                return
+            if isinstance(t, DTensor):
+                t = t.to_local()
+            storage = t.untyped_storage()
+            if storage.nbytes() == 0 or storage.data_ptr() in seen:
+                return
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+
+        for p in self.module.parameters():
+            add(p.data)
+            add(getattr(p, "ds_tensor", None))  # ZeRO-3: this rank's partition of the parameter
+        if self.optimizer is not None:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # DeepSpeed wraps the torch optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:  # DeepSpeed: the fp32 master partitions
+                    add(p.data)
+            for state in inner.state.values():
+                for v in state.values():
+                    add(v)
+        return total
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) weights on CPU; on rank 0 at least (other ranks may get an empty dict). Collective."""
         return {k: v.detach().to("cpu") for k, v in self.module.state_dict().items()}

@@ -182,7 +182,8 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
 
-        self.metrics = MetricsLogger(self.run_dir, self.config_dict, cfg.logger.wandb, enabled=self.is_main)
+        self.metrics = MetricsLogger(self.run_dir, self.config_dict, cfg.logger.wandb, enabled=self.is_main,
+                                     start_step=self.step)  # fmt: skip
         from igpt.model.flops import flops_per_token
 
         self.flops_per_token = flops_per_token(cfg.model, tcfg.seq_len)
@@ -373,9 +374,12 @@ class Trainer:
                     last_eval = self._eval_and_log()
                     t_last = time.perf_counter()  # eval time is not training throughput
                 stop = self._should_stop()
-                if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or self.step == tcfg.max_steps or stop:
-                    self.save_checkpoint()
+                at_end = self.step == tcfg.max_steps and tcfg.ckpt_at_end
+                if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or at_end or stop:
+                    ckpt = self.save_checkpoint()
                     t_last = time.perf_counter()
+                    if self.step == tcfg.max_steps and self.cfg.logger.wandb.log_model:
+                        self.metrics.log_model(ckpt, self.step, self.cfg.stage.name)
                 if stop and self.step < tcfg.max_steps:
                     if self.is_main:
                         checkpoint.write_text_atomic(

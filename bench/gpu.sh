@@ -140,8 +140,8 @@ fi
 
 # ---- 2. kernels: correctness, attention speed, cross-entropy speed and memory ----------------------------------------
 echo "== bench/kernels.py ($(left)s left) ==" | log gpu.log
-# Sections stop starting rows after --budget-s; keep ~45% of the budget for the training runs.
-KB=$(((BUDGET * 45 / 100) - SECONDS))
+# Sections stop starting rows after --budget-s; the training runs get the rest.
+KB=$(((BUDGET * 40 / 100) - SECONDS))
 if ! timeout --kill-after=10 $((KB + 90)) "$PY" bench/kernels.py --budget-s "$KB" "${DRY_ARGS[@]}" 2>&1 |
     log bench.log; then
     FAILED+=("bench/kernels.py")
@@ -150,7 +150,7 @@ fi
 # ---- 3. training throughput ------------------------------------------------------------------------------------------
 if [[ $TRAIN_OK == 1 ]]; then
     echo "== bench/train_gpu.py ($(left)s left) ==" | log gpu.log
-    TB=$(($(left) - 75))
+    TB=$(($(left) - 100))  # the last run may start just before this: ~100 s for it
     if ! timeout --kill-after=10 $((TB + 150)) "$PY" bench/train_gpu.py --budget-s "$TB" --work "$TMP/train" \
         "${DRY_ARGS[@]}" 2>&1 | log train.log; then
         FAILED+=("bench/train_gpu.py")

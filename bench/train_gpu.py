@@ -64,7 +64,7 @@ def prepare_data(work: str, dry_run: bool) -> str:
     if os.path.exists(os.path.join(out, "index.json")):
         return out
     txt = os.path.join(work, "txt")
-    n_docs, words = (40, 200) if dry_run else (400, 5000)  # ~2M tokens: no epoch ends during a run
+    n_docs, words = (40, 200) if dry_run else (150, 4000)  # ~0.7M tokens: a few epochs at most
     synthetic_corpus(txt, n_docs, words)
     tok = os.path.join(work, "tokenizer.json")
     vocab = 384 if dry_run else 4096
@@ -167,7 +167,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="gpt2_124m,llama_1b")
     parser.add_argument("--kernels", default="triton,sdpa/torch")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--budget-s", type=float, default=240.0, help="start no run after this many seconds")
     parser.add_argument("--run-timeout-s", type=float, default=150.0, help="kill a single run after this long")

@@ -98,11 +98,14 @@ def record_job(run_dir: str, job: dict[str, Any]) -> None:
         yaml.safe_dump(job["overrides"], f, default_flow_style=False)
 
 
-def run(cfg: DictConfig, sweep_dir: str | None = None) -> dict[str, float]:
-    """Validate, train, tear down. Returns the last evaluation's metrics (``loss``, ``bpb``)."""
+def run(cfg: DictConfig, job: dict[str, Any] | None = None) -> dict[str, float]:
+    """Validate, train, tear down. Returns the last evaluation's metrics (``loss``, ``bpb``). ``job`` is
+    :func:`hydra_job`'s answer when Hydra launched this process."""
     config = validate(cfg)
     setup_logging(config.run_dir)
-    resolve_wandb(config, sweep_dir)
+    job = job or {}
+    record_job(config.run_dir, job)
+    resolve_wandb(config, job.get("sweep_dir"))
     from igpt.trainer import Trainer
 
     trainer = Trainer(config)
@@ -142,9 +145,7 @@ def final_val_loss(run_dir: str, metrics: dict[str, float]) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss (Hydra passes it to sweepers such as Optuna)."""
     try:
-        job = hydra_job(cfg)
-        record_job(cfg.run_dir, job)
-        metrics = run(cfg, job.get("sweep_dir"))
+        metrics = run(cfg, hydra_job(cfg))
     except ValueError as e:  # configuration and data errors: one clear line, no traceback
         log.error("%s", e)
         raise SystemExit(2) from e

@@ -212,8 +212,11 @@ def compile_launch(fn, args: tuple, kwargs: dict, arch: int) -> dict[str, int]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"{getattr(fn, '__name__', fn)} is a {type(fn).__name__}, not a JITFunction: the kernels were "
+                        "imported with TRITON_INTERPRET=1; compile in a process started without it")  # fmt: skip
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -258,7 +261,6 @@ def _worker_init(cache_dir: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    os.environ.pop("TRITON_INTERPRET", None)
 
 
 def compile_all(jobs: list[Job], workers: int | None = None) -> list[Result]:
@@ -267,10 +269,17 @@ def compile_all(jobs: list[Job], workers: int | None = None) -> list[Result]:
 
     workers = workers or os.cpu_count() or 1
     order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))  # longest first: a short tail
-    with tempfile.TemporaryDirectory(prefix="igpt-aot-") as cache:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cache,)) as pool:
-            done = dict(zip(order, pool.map(compile_job, [jobs[i] for i in order])))
+    # Workers inherit the environment when they start, and import the kernels (unpickling compile_job) before their
+    # initializer runs: TRITON_INTERPRET=1 (set by the CPU tests) would build them for the interpreter.
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="igpt-aot-") as cache:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cache,)) as pool:
+                done = dict(zip(order, pool.map(compile_job, [jobs[i] for i in order])))
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     return [done[i] for i in range(len(jobs))]
 
 

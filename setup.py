@@ -34,7 +34,8 @@ setup(
         "deepspeed>=0.16",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "chatterbot-corpus==1.3.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "chatterbot-corpus==1.3.3",
+                "hydra-optuna-sweeper>=1.2"],
         "demo": ["chatterbot-corpus==1.3.3"],
         "gpu": ["flash-attn>=2.6"],
     },

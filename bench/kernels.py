@@ -1,15 +1,20 @@
 """One-shot GPU check of igpt's Triton kernels: correctness at full sizes, then speed and memory against torch.
 
-    python bench/kernels.py [--budget-s 420] [--quick] [--skip correctness,loss,attention]
+    python bench/kernels.py [--budget-s 200] [--quick] [--full] [--skip correctness,loss,attention]
+    python bench/kernels.py --dry-run     # no GPU: CPU, Triton interpreter, tiny sizes; checks the plumbing only
 
-Imports only torch, triton and igpt.kernels, so it runs on a bare GPU machine. Prints three tables:
+Imports only torch, triton and igpt.kernels (flash-attn when installed), so it runs on a bare GPU machine. Prints
+three tables:
 
 1. correctness at full sizes against a float32 torch reference (``igpt.kernels.reference``): flash attention output
    and dq/dk/dv (flash-attention's rule: our error <= 2x the error of torch SDPA-flash in bf16, plus a small floor),
-   packed documents, head dim 256, fp32 inputs; cross-entropy and fused linear cross-entropy loss and gradients.
-2. attention TFLOP/s, bf16, B*S = 16k tokens, 2048 model width (H = 2048 / D), S = 1k..16k, D = 64/128, causal and
-   not, forward and forward+backward, for igpt's kernel and torch SDPA's flash and cuDNN backends measured in the
-   same run. FLOPs: 4*B*S^2*H*D forward, halved when causal; backward 2.5x forward; forward+backward 3.5x forward.
+   packed documents, head dim 256, fp32 inputs; cross-entropy and fused linear cross-entropy loss and gradients. This
+   section runs with one launch configuration per kernel (``IGPT_KERNELS_AUTOTUNE=0``: no tuning sweep per shape),
+   and the autotuners start afresh after it.
+2. attention TFLOP/s, bf16, causal, B*S = 16k tokens, 2048 model width (H = 2048 / D), S = 1k, 4k, 16k, D = 128 and
+   64, forward and forward+backward, for igpt's kernel, torch SDPA's flash and cuDNN backends and the ``flash_attn``
+   package (when installed), measured in the same run; ``--full`` adds S = 2k, 8k and non-causal rows. FLOPs:
+   4*B*S^2*H*D forward, halved when causal; backward 2.5x forward; forward+backward 3.5x forward.
 3. linear + cross-entropy forward+backward time and peak memory above the inputs at V = 32k and 128k, 16k tokens,
    hidden 4096, bf16: torch eager (``F.cross_entropy(F.linear(h, w).float(), t)``, as Hugging Face models compute
    it), the same under ``torch.compile``, and igpt's fused kernel; plus the standalone cross-entropy on given logits.
@@ -23,15 +28,26 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-import triton
-from igpt.kernels import cross_entropy, flash_attn_func, flash_attn_varlen_func, fused_linear_cross_entropy
-from igpt.kernels.reference import attention_ref, attention_varlen_ref, cross_entropy_ref, linear_cross_entropy_ref
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:  # Triton reads this when the kernels are defined, so before igpt.kernels is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from igpt.kernels import cross_entropy, flash_attn_func, flash_attn_varlen_func, fused_linear_cross_entropy  # noqa: E402
+from igpt.kernels.reference import (  # noqa: E402
+    attention_ref,
+    attention_varlen_ref,
+    cross_entropy_ref,
+    linear_cross_entropy_ref,
+)
+
+DEV = "cpu" if DRY_RUN else "cuda"
 T0 = time.time()
 FAILURES: list[str] = []
 
@@ -46,8 +62,46 @@ def line(*cols: object, widths: tuple[int, ...]) -> None:
 
 
 def bench_ms(fn, warmup: int = 10, rep: int = 50) -> float:
-    """Median time of ``fn`` in ms (CUDA events, L2 flushed by triton.testing.do_bench)."""
+    """Median time of ``fn`` in ms (CUDA events, L2 flushed by triton.testing.do_bench); a single timed call in a
+    dry run."""
+    if DRY_RUN:
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak() -> int:
+    """Reset the peak-memory counter; returns the bytes allocated now (0 on CPU, where nothing is measured)."""
+    if DEV != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn the tuning sweep on or off and forget what the autotuners chose (their pruning reads the variable)."""
+    from igpt.kernels import flash_attn as fa
+
+    os.environ["IGPT_KERNELS_AUTOTUNE"] = "1" if enabled else "0"
+    for kernel in (fa._attn_fwd, fa._attn_bwd_dkdv, fa._attn_bwd_dq):
+        if hasattr(kernel, "cache"):
+            kernel.cache.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,26 +177,35 @@ def correctness(quick: bool) -> None:
     print("\n== correctness at full sizes (ratio = our error / allowed error; <= 1 passes) ==", flush=True)
     widths = (58, 8, 9)
     line("case", "ratio", "time_s", widths=widths)
-    dev = "cuda"
+    dev = DEV
     g = torch.Generator(device=dev).manual_seed(0)
+    set_autotune(False)
+    try:
+        _correctness(quick, dev, g, widths)
+    finally:
+        set_autotune(True)
+
+
+def _correctness(quick: bool, dev: str, g: torch.Generator, widths: tuple[int, ...]) -> None:
 
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, device=dev, generator=g, dtype=torch.float32).to(dtype)
 
-    s = 2048 if quick else 4096
+    # dry run: the same cases at sizes the CPU interpreter runs in seconds
+    b, s, h, s256, h256, s80 = (1, 24, 2, 20, 2, 17) if DRY_RUN else (2, 2048 if quick else 4096, 16, 1000, 8, 777)
     cases = [
-        (f"attn B=2 S={s} Hq=16 Hkv=4 D=128 causal bf16", 2, s, 16, 4, 128, True, torch.bfloat16),
-        (f"attn B=2 S={s} Hq=16 Hkv=16 D=64 non-causal bf16", 2, s, 16, 16, 64, False, torch.bfloat16),
-        ("attn B=1 S=1000 Hq=8 Hkv=2 D=256 causal fp16", 1, 1000, 8, 2, 256, True, torch.float16),
-        ("attn B=1 S=777 Hq=4 Hkv=4 D=80 non-causal fp32", 1, 777, 4, 4, 80, False, torch.float32),
+        (f"attn B={b} S={s} Hq={h} Hkv={h // 2} D=128 causal bf16", b, s, h, h // 2, 128, True, torch.bfloat16),
+        (f"attn B={b} S={s} Hq={h} Hkv={h} D=64 non-causal bf16", b, s, h, h, 64, False, torch.bfloat16),
+        (f"attn B=1 S={s256} Hq={h256} Hkv=2 D=256 causal fp16", 1, s256, h256, 2, 256, True, torch.float16),
+        (f"attn B=1 S={s80} Hq=4 Hkv=4 D=80 non-causal fp32", 1, s80, 4, 4, 80, False, torch.float32),
     ]
     for case in cases:
         _attn_case(*case, randn=randn, widths=widths)
-        torch.cuda.empty_cache()
+        empty_cache()
 
     # Packed documents: per-document reference; torch's low-precision error from the bf16 math reference.
     t = time.time()
-    lengths = [1, 17, 100, 1000, 3000, 4074] if not quick else [1, 17, 100, 1000, 930]
+    lengths = [1, 7, 16] if DRY_RUN else ([1, 17, 100, 1000, 930] if quick else [1, 17, 100, 1000, 3000, 4074])
     cu = torch.tensor([0] + lengths, device=dev).cumsum(0).to(torch.int32)
     total, m = int(cu[-1]), max(lengths)
     q, k, v, do = randn(total, 8, 64), randn(total, 4, 64), randn(total, 4, 64), randn(total, 8, 64)
@@ -155,9 +218,9 @@ def correctness(quick: bool) -> None:
     del q, k, v, do, ours, ref, lowp
 
     # Cross-entropy on bf16 logits and the fused version, against the fp32 reference; ratio = error / tolerance.
-    for v_size in (32768,) if quick else (32768, 131072):
+    for v_size in (300,) if DRY_RUN else ((32768,) if quick else (32768, 131072)):
         t = time.time()
-        n = 4096
+        n = 16 if DRY_RUN else 4096
         logits = (randn(n, v_size) * 2).requires_grad_()
         target = torch.randint(0, v_size, (n,), device=dev, generator=g)
         target[::7] = -100
@@ -177,7 +240,7 @@ def correctness(quick: bool) -> None:
 
     for reduction in ("mean", "none"):
         t = time.time()
-        n, h, v_size = (4096, 2048, 32768) if quick else (16384, 4096, 32768)
+        n, h, v_size = (16, 32, 300) if DRY_RUN else ((4096, 2048, 32768) if quick else (16384, 4096, 32768))
         hidden = randn(n, h).requires_grad_()
         weight = (randn(v_size, h) / math.sqrt(h)).requires_grad_()
         target = torch.randint(0, v_size, (n,), device=dev, generator=g)
@@ -200,27 +263,39 @@ def correctness(quick: bool) -> None:
             FAILURES.append(f"{name}: ratio {ratio:.2f}")
         line(name, f"{ratio:.2f}", f"{time.time() - t:.1f}", widths=widths)
         del hidden, weight, gh, gw, h_ref, w_ref, rh, rw, ref, loss
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Attention throughput
 # ----------------------------------------------------------------------------------------------------------------------
-def _attn_speed_row(s: int, d: int, causal: bool) -> dict[str, tuple[float, float] | None]:
+def _flash_attn_package():
+    """``flash_attn.flash_attn_func`` when the flash-attn package is installed, else None."""
+    try:
+        from flash_attn import flash_attn_func as fa_func
+    except ImportError:
+        return None
+    return fa_func
+
+
+def _attn_speed_row(s: int, d: int, causal: bool, tokens: int, width: int) -> dict[str, tuple[float, float] | None]:
     """TFLOP/s (forward, forward+backward) of each implementation at one shape."""
     from torch.nn.attention import SDPBackend
 
-    b, h = max(1, 16384 // s), 2048 // d
-    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, S, H, D)
+    b, h = max(1, tokens // s), width // d
+    q = torch.randn(b, s, h, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)  # (B, S, H, D)
     k = torch.randn_like(q, requires_grad=True)
     v = torch.randn_like(q, requires_grad=True)
     do = torch.randn_like(q)
     flops_fwd = 4 * b * s * s * h * d / (2 if causal else 1)
     impls = {
         "igpt": lambda: flash_attn_func(q, k, v, causal=causal),
-        "flash": lambda: _sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
-        "cudnn": lambda: _sdpa(q, k, v, causal, SDPBackend.CUDNN_ATTENTION),
+        "sdpa-flash": lambda: _sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": lambda: _sdpa(q, k, v, causal, SDPBackend.CUDNN_ATTENTION),
     }
+    fa_func = _flash_attn_package()
+    if fa_func is not None:
+        impls["flash-attn"] = lambda: fa_func(q, k, v, causal=causal)
     res: dict[str, tuple[float, float] | None] = {}
     for name, fn in impls.items():
 
@@ -232,36 +307,44 @@ def _attn_speed_row(s: int, d: int, causal: bool) -> dict[str, tuple[float, floa
                 t_f = bench_ms(fn)
             t_fb = bench_ms(fwd_bwd)
             res[name] = (flops_fwd / t_f / 1e9, 3.5 * flops_fwd / t_fb / 1e9)
-        except Exception as exc:  # an SDPA backend may not support a shape: report it, keep going
+        except Exception as exc:  # an SDPA backend may not support a shape (or a device): report it, keep going
             res[name] = None
             print(f"  {name} S={s} D={d} causal={causal}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
     return res
 
 
-def attention_speed(budget_s: float, quick: bool) -> None:
-    print("\n== attention TFLOP/s, bf16, B*S = 16k tokens, H = 2048 / D (fwd | fwd+bwd) ==", flush=True)
-    widths = (26, 15, 15, 15, 10)
-    line("S D causal", "igpt", "sdpa-flash", "sdpa-cudnn", "igpt/flash", widths=widths)
-    seqlens = (1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+def attention_speed(budget_s: float, quick: bool, full: bool) -> None:
+    tokens, width = (32, 128) if DRY_RUN else (16384, 2048)
+    print(f"\n== attention TFLOP/s, bf16, B*S = {tokens} tokens, H = {width} / D (fwd | fwd+bwd) ==", flush=True)
+    if _flash_attn_package() is None:
+        print("  (the flash-attn package is not installed: its column shows n/a)", flush=True)
+    widths = (24, 15, 15, 15, 15, 10)
+    line("S D mask", "igpt", "sdpa-flash", "sdpa-cudnn", "flash-attn", "igpt/sdpa", widths=widths)
+    if DRY_RUN:
+        seqlens: tuple[int, ...] = (32,)
+    else:
+        seqlens = (1024, 4096) if quick else ((1024, 2048, 4096, 8192, 16384) if full else (1024, 4096, 16384))
+    shapes = [(128, True), (64, True)] + ([(128, False), (64, False)] if full else [])
 
     def fmt(r: tuple[float, float] | None) -> str:
         return "n/a" if r is None else f"{r[0]:6.0f} | {r[1]:6.0f}"
 
-    for d, causal in ((128, True), (128, False), (64, True), (64, False)):
+    for d, causal in shapes:
         for s in seqlens:
             if elapsed() > budget_s:
                 print(f"  (stopped: time budget of {budget_s:.0f}s used)", flush=True)
                 return
-            res = _attn_speed_row(s, d, causal)
-            torch.cuda.empty_cache()
+            res = _attn_speed_row(s, d, causal, tokens, width)
+            empty_cache()
             speedup = "n/a"
-            if res.get("igpt") and res.get("flash"):
-                speedup = f"{res['igpt'][1] / res['flash'][1]:.2f}x"
+            if res.get("igpt") and res.get("sdpa-flash"):
+                speedup = f"{res['igpt'][1] / res['sdpa-flash'][1]:.2f}x"
                 if d == 128 and causal and s >= 4096:
-                    speedup += " *" if res["igpt"][1] >= 1.1 * res["flash"][1] else " !"
-            line(f"S={s} D={d} {'causal' if causal else 'full'}", fmt(res.get("igpt")), fmt(res.get("flash")),
-                 fmt(res.get("cudnn")), speedup, widths=widths)  # fmt: skip
-    print("  igpt/flash is the fwd+bwd ratio; target >= 1.1x at S >= 4k, D = 128, causal (* met, ! not met)")
+                    speedup += " *" if res["igpt"][1] >= 1.1 * res["sdpa-flash"][1] else " !"
+            line(f"S={s} D={d} {'causal' if causal else 'full'}", *(fmt(res.get(k)) for k in
+                 ("igpt", "sdpa-flash", "sdpa-cudnn", "flash-attn")), speedup, widths=widths)  # fmt: skip
+    print("  igpt/sdpa is the fwd+bwd ratio to SDPA-flash; target >= 1.1x at S >= 4k, D = 128, causal "
+          "(* met, ! not met)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,20 +353,19 @@ def attention_speed(budget_s: float, quick: bool) -> None:
 def _measure(fn, reps: int) -> tuple[float, float]:
     """(median ms, peak GiB allocated above what was allocated before) of ``fn`` (forward+backward)."""
     fn()  # warm-up (and compile)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    empty_cache()
+    base = reset_peak()
     fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    sync()
+    peak = (peak_bytes() - base) / 2**30
     return bench_ms(fn, warmup=2, rep=reps), peak
 
 
 def _loss_rows(v_size: int, n: int, hdim: int, compiled, widths: tuple[int, ...]) -> None:
-    hidden = (torch.randn(n, hdim, device="cuda") / 2).to(torch.bfloat16).requires_grad_()  # (N, H)
-    weight = (torch.randn(v_size, hdim, device="cuda") / math.sqrt(hdim)).to(torch.bfloat16).requires_grad_()  # (V, H)
-    target = torch.randint(0, v_size, (n,), device="cuda")
+    hidden = (torch.randn(n, hdim, device=DEV) / 2).to(torch.bfloat16).requires_grad_()  # (N, H)
+    weight = (torch.randn(v_size, hdim, device=DEV) / math.sqrt(hdim)).to(torch.bfloat16).requires_grad_()  # (V, H)
+    target = torch.randint(0, v_size, (n,), device=DEV)
     impls = {
         "torch eager": lambda: torch.autograd.grad(_torch_loss(hidden, weight, target), (hidden, weight)),
         "torch.compile": lambda: torch.autograd.grad(compiled(hidden, weight, target), (hidden, weight)),
@@ -296,15 +378,15 @@ def _loss_rows(v_size: int, n: int, hdim: int, compiled, widths: tuple[int, ...]
         try:
             t = time.time()
             rows[name] = _measure(fn, reps=20)
-            line(f"V={v_size // 1024}k {name}", f"{rows[name][0]:.1f}", f"{rows[name][1]:.2f}", widths=widths)
+            line(f"V={_vocab(v_size)} {name}", f"{rows[name][0]:.1f}", f"{rows[name][1]:.2f}", widths=widths)
             if name == "torch.compile":
                 print(f"  (torch.compile warm-up and measurement took {time.time() - t:.0f}s)", flush=True)
         except Exception as exc:
             print(f"  V={v_size} {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-        torch.cuda.empty_cache()
+        empty_cache()
     eager, comp, ours = (rows.get(k) for k in impls)
     if ours and eager:
-        msg = f"  V={v_size // 1024}k: igpt peak = 1/{eager[1] / max(ours[1], 1e-9):.1f} of eager's"
+        msg = f"  V={_vocab(v_size)}: igpt peak = 1/{eager[1] / max(ours[1], 1e-9):.1f} of eager's"
         if comp:
             msg += f", time = {ours[0] / comp[0]:.2f}x torch.compile's, {ours[0] / eager[0]:.2f}x eager's"
         if v_size == 131072:
@@ -323,7 +405,11 @@ def _loss_rows(v_size: int, n: int, hdim: int, compiled, widths: tuple[int, ...]
     }
     for name, fn in standalone.items():
         ms, peak = _measure(fn, reps=20)
-        line(f"V={v_size // 1024}k {name}", f"{ms:.1f}", f"{peak:.2f}", widths=widths)
+        line(f"V={_vocab(v_size)} {name}", f"{ms:.1f}", f"{peak:.2f}", widths=widths)
+
+
+def _vocab(v: int) -> str:
+    return f"{v // 1024}k" if v >= 1024 else str(v)
 
 
 def _torch_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -333,35 +419,45 @@ def _torch_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tens
 def loss_speed(budget_s: float, quick: bool) -> None:
     print("\n== linear + cross-entropy fwd+bwd, bf16, N = 16k tokens, H = 4096 (time ms, peak GiB above inputs) ==",
           flush=True)  # fmt: skip
+    if DRY_RUN:
+        print("  (dry run: N = 16, H = 32, V = 300 / 1000 on CPU; memory is not measured)", flush=True)
     widths = (40, 11, 11)
     line("case", "ms", "peak_GiB", widths=widths)
-    n, hdim = (4096, 4096) if quick else (16384, 4096)
-    compiled = torch.compile(_torch_loss, dynamic=False)
-    for v_size in (32768, 131072):
+    n, hdim = (16, 32) if DRY_RUN else ((4096, 4096) if quick else (16384, 4096))
+    # dry run: dynamo's tracing path without Inductor's C++ build, which takes minutes on a small CPU
+    compiled = torch.compile(_torch_loss, dynamic=False, backend="eager" if DRY_RUN else "inductor")
+    for v_size in (300, 1000) if DRY_RUN else (32768, 131072):
         if elapsed() > budget_s:
             print(f"  (stopped: time budget of {budget_s:.0f}s used)", flush=True)
             return
         _loss_rows(v_size, n, hdim, compiled, widths)
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rows after this many s")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new rows after this many s")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
+    parser.add_argument("--full", action="store_true", help="also S = 2k, 8k and non-causal attention")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: correctness,attention,loss")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: CPU, Triton interpreter, tiny sizes")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+    if DRY_RUN:
+        print(f"dry run on CPU (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}); torch {torch.__version__}, "
+              f"triton {triton.__version__}: sizes are tiny and the numbers mean nothing", flush=True)  # fmt: skip
+    elif not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks the plumbing "
+              "on CPU", file=sys.stderr)  # fmt: skip
         return 2
-    props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
-          f"triton {triton.__version__}", flush=True)  # fmt: skip
+    else:
+        props = torch.cuda.get_device_properties(0)
+        print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+              f"triton {triton.__version__}", flush=True)  # fmt: skip
     skip = set(filter(None, args.skip.split(",")))
     sections = [
         ("correctness", lambda: correctness(args.quick)),
         ("loss", lambda: loss_speed(args.budget_s, args.quick)),
-        ("attention", lambda: attention_speed(args.budget_s, args.quick)),
+        ("attention", lambda: attention_speed(args.budget_s, args.quick, args.full)),
     ]
     for name, fn in sections:
         if name in skip:

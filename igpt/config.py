@@ -154,6 +154,7 @@ class TrainerConfig:
     eval_at_start: bool = False  # also evaluate before the first step (logged as step 0): the starting point
     eval_batches: int = 0  # 0: the whole validation split
     ckpt_every: int = 100
+    ckpt_at_end: bool = True  # also checkpoint at max_steps (false: throughput runs that keep nothing)
     keep_last: int = 3  # checkpoints kept on disk (0: all)
     log_every: int = 1
     grad_clip: float = 1.0
@@ -189,8 +190,13 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "igpt"
     entity: str | None = None
-    name: str | None = None
+    name: str | None = None  # None: the run dir's name (in a multirun: <sweep dir name>-<job number>)
+    # Runs of one pipeline share a group. None: the init_from run's group, else the sweep's name in a multirun, else
+    # this run's name (igpt.metrics.wandb_group); the resolved value is saved in config.yaml and checkpoints.
+    group: str | None = None
+    job_type: str | None = None  # None: the stage name (pretrain, sft, rm, dpo, ppo)
     tags: list[str] = field(default_factory=list)
+    log_model: bool = False  # upload the final checkpoint as a W&B "model" artifact
 
 
 @dataclass

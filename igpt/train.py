@@ -3,19 +3,27 @@
 Every rank composes the same config; ``igpt.config.validate`` re-checks it against the schema (so ``+key``/``++key``
 typos fail too), then the Trainer runs. Rank 0 logs to the console; every rank logs to ``<run_dir>/logs/rank<N>.log``.
 A failing rank's traceback is recorded for torchrun (``@record``), which ends the other ranks.
+
+Sweeps (``python igpt/train.py -m optim.lr=1e-3,3e-3``, or a sweeper plugin such as ``hydra/sweeper=optuna``): each
+job runs in its own ``<hydra.sweep.dir>/<job number>`` unless the job's overrides set ``run_dir`` (two jobs of one
+sweep given the same run dir is an error, so no job resumes another's checkpoint), saves the overrides it was launched
+with in ``<run_dir>/overrides.yaml``, and returns its final validation loss, which Hydra hands to the sweeper to
+optimise (the ``return_value`` of Hydra's ``JobReturn``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from igpt.config import register, validate
+from igpt.config import Config, register, validate
 
 register()
 log = logging.getLogger("igpt")
@@ -40,10 +48,64 @@ def setup_logging(run_dir: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Validate, train, tear down. Returns the last evaluation's metrics."""
+def hydra_job(cfg: DictConfig) -> dict[str, Any]:
+    """The Hydra job this process runs: its task overrides and, in a multirun, the sweep dir and job number. In a
+    multirun ``cfg.run_dir`` becomes ``<hydra.sweep.dir>/<hydra.sweep.subdir>`` (Hydra's per-job output dir) unless
+    the job's overrides set ``run_dir``, and an unset ``logger.wandb.name`` becomes ``<sweep dir name>-<job number>``.
+    Outside a Hydra app (tests compose configs themselves) this returns ``{}`` and changes nothing."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    job: dict[str, Any] = {"overrides": overrides}
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = os.path.abspath(hc.sweep.dir)
+        job.update(sweep_dir=sweep_dir, job_num=int(hc.job.num))
+        if not any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in overrides):
+            cfg.run_dir = hc.runtime.output_dir
+        if cfg.logger.wandb.name is None:
+            cfg.logger.wandb.name = f"{os.path.basename(sweep_dir)}-{hc.job.num}"
+    return job
+
+
+def record_job(run_dir: str, job: dict[str, Any]) -> None:
+    """Rank 0: write ``<run_dir>/overrides.yaml`` and, for a multirun job, ``<run_dir>/sweep.json``; refuse a run dir
+    that another job of the same sweep already uses."""
+    if not job or int(os.environ.get("RANK", 0)) != 0:
+        return
+    import yaml
+
+    os.makedirs(run_dir, exist_ok=True)
+    if "sweep_dir" in job:
+        claim = os.path.join(run_dir, "sweep.json")
+        mine = {"sweep_dir": job["sweep_dir"], "job_num": job["job_num"]}
+        if os.path.exists(claim):
+            with open(claim, encoding="utf-8") as f:
+                other = json.load(f)
+            if other.get("sweep_dir") == mine["sweep_dir"] and other.get("job_num") != mine["job_num"]:
+                raise ValueError(
+                    f"run_dir={run_dir} is used by jobs {other.get('job_num')} and {mine['job_num']} of the sweep in "
+                    f"{mine['sweep_dir']}: job {mine['job_num']} would resume job {other.get('job_num')}'s checkpoint. "
+                    "Leave run_dir unset in a multirun (each job gets <hydra.sweep.dir>/<job number>) or make it "
+                    "differ per job, e.g. run_dir=runs/lr${optim.lr}"
+                )
+        with open(claim, "w", encoding="utf-8") as f:
+            json.dump(mine, f)
+    with open(os.path.join(run_dir, "overrides.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(job["overrides"], f, default_flow_style=False)
+
+
+def run(cfg: DictConfig, job: dict[str, Any] | None = None) -> dict[str, float]:
+    """Validate, train, tear down. Returns the last evaluation's metrics (``loss``, ``bpb``). ``job`` is
+    :func:`hydra_job`'s answer when Hydra launched this process."""
     config = validate(cfg)
     setup_logging(config.run_dir)
+    job = job or {}
+    record_job(config.run_dir, job)
+    resolve_wandb(config, job.get("sweep_dir"))
     from igpt.trainer import Trainer
 
     trainer = Trainer(config)
@@ -53,14 +115,41 @@ def run(cfg: DictConfig) -> dict[str, float]:
         trainer.close()
 
 
+def resolve_wandb(config: Config, sweep_dir: str | None = None) -> None:
+    """Fill ``logger.wandb.group`` (see ``igpt.metrics.wandb_group``) so that config.yaml and every checkpoint record
+    the group a later stage started from this run inherits."""
+    from igpt.metrics import wandb_group
+
+    w = config.logger.wandb
+    w.group = wandb_group(config.run_dir, w, config.init_from, sweep_dir)
+
+
+def final_val_loss(run_dir: str, metrics: dict[str, float]) -> float | None:
+    """The run's final validation loss: from this process's last evaluation, else (a run that was already complete
+    evaluates nothing) the last ``val`` record of ``<run_dir>/metrics.jsonl``."""
+    if "loss" in metrics:
+        return float(metrics["loss"])
+    loss = None
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("split") == "val":
+                    loss = float(rec["loss"])
+    return loss
+
+
 @record
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the final validation loss (Hydra passes it to sweepers such as Optuna)."""
     try:
-        run(cfg)
+        metrics = run(cfg, hydra_job(cfg))
     except ValueError as e:  # configuration and data errors: one clear line, no traceback
         log.error("%s", e)
         raise SystemExit(2) from e
+    return final_val_loss(cfg.run_dir, metrics)
 
 
 if __name__ == "__main__":

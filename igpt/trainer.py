@@ -124,7 +124,8 @@ class Trainer:
         self.stage.setup(self)
         if resume_from is not None:
             self._resume(resume_from)
-        self.metrics = MetricsLogger(self.run_dir, self.config_dict, cfg.logger.wandb, enabled=self.is_main)
+        self.metrics = MetricsLogger(self.run_dir, self.config_dict, cfg.logger.wandb, enabled=self.is_main,
+                                     start_step=self.step)  # fmt: skip
         from igpt.model.flops import flops_per_token
 
         self.flops_per_token = flops_per_token(cfg.model, cfg.trainer.seq_len)
@@ -477,9 +478,12 @@ class Trainer:
                 stop = self._should_stop()
                 if self.step == tcfg.max_steps:
                     self.stage.on_train_end()
-                if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or self.step == tcfg.max_steps or stop:
-                    self.save_checkpoint()
+                at_end = self.step == tcfg.max_steps and tcfg.ckpt_at_end
+                if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or at_end or stop:
+                    ckpt = self.save_checkpoint()
                     t_last = time.perf_counter()
+                    if self.step == tcfg.max_steps and self.cfg.logger.wandb.log_model:
+                        self.metrics.log_model(ckpt, self.step, self.cfg.stage.name)
                 if stop and self.step < tcfg.max_steps:
                     self._preempted(stop)
                     break

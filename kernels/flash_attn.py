@@ -3,8 +3,13 @@
 Follows FlashAttention-2 (Dao, 2023, https://arxiv.org/abs/2307.08691) and the structure of Triton's fused-attention
 tutorial (``python/tutorials/06-fused-attention.py``): the forward streams key/value blocks past a block of queries
 with an online softmax and saves the log-sum-exp per query row; the backward recomputes the probabilities from it,
-with one kernel producing dK and dV per key block (looping over the query heads that share the key/value head, so
-grouped-query attention needs no atomics) and one producing dQ per query block.
+with one kernel producing dK and dV per key block and query head and one producing dQ per query block. With
+grouped-query attention, dK and dV come out per query head (fp32) and torch sums each group, as flash-attn does: no
+atomics, and no loop over a group's heads inside the kernel, which kept K, V and both fp32 accumulators live across
+three pipelined loops and made the kernel spill.
+
+Launch configurations are tables per GPU family and head dim (``_FWD_SHAPES``, ...), each entry compiled ahead of time
+for sm_80 and sm_90 by ``kernels/aot.py`` (tests/test_kernels_aot.py): none spills at head dims up to 128.
 
 Public API (same call forms as the ``flash_attn`` package, so backends swap freely):
 
@@ -24,7 +29,8 @@ CPU interpreter (``TRITON_INTERPRET=1``): its ``tl.dot`` is wrong on bf16 tiles 
 so for bf16 inputs the kernels upcast tiles to fp32 before every product (``IS_DOT_FP32``) and write outputs into
 fp32 buffers that torch then rounds to bf16. The compiled CUDA path is unaffected by these switches.
 
-Memory: O(B * S * H) for the saved log-sum-exp besides inputs and outputs; nothing of size S^2 is ever stored.
+Memory: O(B * S * H) for the saved log-sum-exp besides inputs and outputs, plus (grouped-query backward only) fp32 dK
+and dV per query head; nothing of size S^2 is ever stored.
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_device, is_interpreted, next_power_of_2, pick_configs, register_kernel, use_autotune
+from .runtime import (
+    check_device,
+    interpret_requested,
+    is_interpreted,
+    next_power_of_2,
+    pick_configs,
+    register_kernel,
+    use_autotune,
+)
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -43,60 +57,102 @@ LOG2E = 1.4426950408889634  # scores are kept in base 2 so the kernels can use e
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Launch configurations. (BLOCK_M, BLOCK_N, num_warps, num_stages); the first one that passes the resource estimate is
-# used when autotuning is off. Candidate lists follow the tutorial's Hopper settings plus smaller tiles for D = 256.
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, GPU family (80: sm_8x, A100; 90: sm_90
+# and newer, H100/H200) and head-dim class (the padded head dim, counted in 16-bit elements: 64, 128, 256). Every
+# entry of the 64 and 128 classes compiles without a register spill for its family, in bf16 and fp16, for causal,
+# non-causal and packed attention: tests/test_kernels_aot.py compiles them all for sm_80 and sm_90 ahead of time, and
+# docs/kernels.md has the registers of each. The first entry that fits the device's shared memory is the one used
+# when autotuning is off. The 256 class holds the small tiles that fit; some of them spill (reported, not failed).
 # ----------------------------------------------------------------------------------------------------------------------
-def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-_FWD_SHAPES = [
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2),
-    (32, 32, 4, 2),
-]  # fmt: skip
-_DKDV_SHAPES = [(32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 64, 8, 2), (16, 32, 4, 2)]
-_DQ_SHAPES = [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2), (32, 32, 4, 2)]
+_FWD_SHAPES = {
+    80: {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+         128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 3)],
+         256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+    90: {64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)],
+         128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 3)],
+         256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+}  # fmt: skip
+_DKDV_SHAPES = {
+    80: {64: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 8, 2)],
+         128: [(64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2)],
+         256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+    90: {64: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 8, 2)],
+         128: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 2), (16, 64, 8, 2)],
+         256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+}  # fmt: skip
+_DQ_SHAPES = {
+    80: {64: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)],
+         128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2)],
+         256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+    90: {64: [(128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3)],
+         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+         256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+}  # fmt: skip
+SHAPES = {"fwd": _FWD_SHAPES, "dkdv": _DKDV_SHAPES, "dq": _DQ_SHAPES}
 # Under the interpreter: small tiles so the tests' odd lengths cross several blocks, large enough to stay quick.
 _FWD_INTERP = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 _DKDV_INTERP = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 _DQ_INTERP = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
-def _smem_limit() -> int:
+def _configs(kind: str) -> list[triton.Config]:
+    """Every shape of ``kind`` for any family and head dim, once: the autotuner's candidates (pruned per launch)."""
+    shapes = dict.fromkeys(s for by_dim in SHAPES[kind].values() for dim in by_dim.values() for s in dim)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+def family(capability: int) -> int:
+    """The configuration family of a compute capability (major * 10 + minor): 80 for sm_8x, 90 for sm_90 and up."""
+    return 80 if capability < 90 else 90
+
+
+def dim_class(block_d: int, esize: int) -> int:
+    """The head-dim class of a launch: the padded head dim in 16-bit elements (fp32 rows weigh twice), 64/128/256."""
+    width = block_d * esize // 2
+    return 64 if width <= 64 else (128 if width <= 128 else 256)
+
+
+def shapes_for(kind: str, capability: int, block_d: int, esize: int) -> list[tuple[int, int, int, int]]:
+    """The launch configurations of ``kind`` (fwd | dkdv | dq) for one device and head dim, best guess first."""
+    return SHAPES[kind][family(capability)][dim_class(block_d, esize)]
+
+
+def _device() -> tuple[int, int]:
+    """(compute capability as major * 10 + minor, opt-in shared memory per block) of the current CUDA device."""
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return int(getattr(props, "shared_memory_per_block_optin", 232448) or 232448)
-    return 232448
+        return props.major * 10 + props.minor, int(getattr(props, "shared_memory_per_block_optin", 0) or 232448)
+    return 90, 232448
+
+
+def smem_estimate(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int) -> int:
+    """Shared memory a configuration needs, estimated from its pipelined tiles (K/V for fwd and dq, Q/dO for dkdv);
+    above the compiled figure for 16-bit inputs, ~1.4x below it for fp32 (3xTF32 splits), hence the 1.5 factor."""
+    if kind == "fwd":
+        smem = (bm * bd + stages * 2 * bn * bd) * esize
+    elif kind == "dkdv":
+        smem = (2 * bn * bd + stages * 2 * bm * bd) * esize
+    else:
+        smem = (2 * bm * bd + stages * 2 * bn * bd) * esize
+    return int(smem * 1.5) if esize == 4 else smem
 
 
 def _make_prune(kind: str):
-    """An ``early_config_prune`` dropping configs whose tiles overflow shared memory or registers (rough estimate:
-    fp32 accumulators and score tiles held in registers, pipelined K/V or Q/dO tiles in shared memory)."""
+    """An ``early_config_prune`` keeping this device's configurations for the launch's head dim (:func:`shapes_for`)
+    that fit its shared memory; the first one alone when autotuning is off."""
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[triton.Config]:
+        if interpret_requested():  # the interpreter's single config (pick_configs)
+            return configs
         args = {**nargs, **kwargs}
         bd = int(args["BLOCK_D"])
         esize = args["Q"].element_size()
-        limit = _smem_limit()
-        kept = []
-        for c in configs:
-            bm, bn, warps, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-            threads = 32 * warps
-            if kind == "fwd":
-                regs = (bm * bd + 2 * bm * bn) / threads
-                smem = (bm * bd + stages * 2 * bn * bd) * esize
-            elif kind == "dkdv":
-                regs = (2 * bn * bd + 3 * bn * bm) / threads
-                smem = (2 * bn * bd + stages * 2 * bm * bd) * esize
-            else:
-                regs = (bm * bd + 3 * bm * bn) / threads
-                smem = (2 * bm * bd + stages * 2 * bn * bd) * esize
-            if esize == 4:  # fp32 tiles (3xTF32 splits) measured ~1.4x this estimate on sm_90; bf16/fp16 below it
-                smem *= 1.5
-            if regs <= 192 and smem <= limit:
-                kept.append(c)
-        if not kept:  # nothing fits the estimate: take the smallest tiles and let the compiler spill
-            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        capability, limit = _device()
+        wanted = shapes_for(kind, capability, bd, esize)
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        kept = [by_shape[s] for s in wanted if smem_estimate(kind, s[0], s[1], s[3], bd, esize) <= limit]
+        if not kept:  # nothing fits (a small-smem device at a large head dim): the smallest tiles, let it spill
+            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
         return kept if use_autotune() else kept[:1]
 
     return prune
@@ -219,7 +275,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=pick_configs(_configs(_FWD_SHAPES), _FWD_INTERP), key=_KEY,
+@triton.autotune(configs=pick_configs(_configs("fwd"), _FWD_INTERP), key=_KEY,
                  prune_configs_by={"early_config_prune": _make_prune("fwd")})  # fmt: skip
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(
@@ -362,7 +418,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=pick_configs(_configs(_DKDV_SHAPES), _DKDV_INTERP), key=_KEY,
+@triton.autotune(configs=pick_configs(_configs("dkdv"), _DKDV_INTERP), key=_KEY,
                  prune_configs_by={"early_config_prune": _make_prune("dkdv")})  # fmt: skip
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(
@@ -374,13 +430,14 @@ def _attn_bwd_dkdv(
     IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_D_PAD: tl.constexpr, IS_DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_n, b, hk = _program_ids(False)  # grid axis 2 runs over key/value heads
+    pid_n, b, h = _program_ids(False)  # grid axis 2 runs over query heads
     q_start, k_start, seqlen_q, seqlen_k, diag = _doc_bounds(CU_Q, CU_K, b, seqlen_q_fixed, seqlen_k_fixed, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
     b64 = b.to(tl.int64)
-    hk64 = hk.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = (h // group).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = offs_n[:, None] < seqlen_k
@@ -408,30 +465,29 @@ def _attn_bwd_dkdv(
         b_full_lo = 0
     head_end = tl.minimum(b_full_lo, nb)
     tail_lo = tl.maximum(tl.maximum(b_full_hi, b_full_lo), b_lo)
-    for g in range(0, group):
-        h64 = hk64 * group + g
-        Qb = _head_base(Q, b64, q_start, h64, stride_qb, stride_qs, stride_qh)
-        DOb = _head_base(DO, b64, q_start, h64, stride_dob, stride_dos, stride_doh)
-        LSEb = _head_base(LSE, b64, q_start, h64, stride_lb, 1, stride_lh)
-        DELTAb = _head_base(DELTA, b64, q_start, h64, stride_lb, 1, stride_lh)
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qs, stride_dos, offs_n, offs_d, b_lo * BLOCK_M,
-            head_end * BLOCK_M, seqlen_q, diag, qk_scale,
-            HEAD_DIM, BLOCK_M, True, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
-        )  # fmt: skip
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qs, stride_dos, offs_n, offs_d, b_full_lo * BLOCK_M,
-            b_full_hi * BLOCK_M, seqlen_q, diag, qk_scale,
-            HEAD_DIM, BLOCK_M, False, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
-        )  # fmt: skip
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qs, stride_dos, offs_n, offs_d, tail_lo * BLOCK_M,
-            nb * BLOCK_M, seqlen_q, diag, qk_scale,
-            HEAD_DIM, BLOCK_M, True, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
-        )  # fmt: skip
+    Qb = _head_base(Q, b64, q_start, h64, stride_qb, stride_qs, stride_qh)
+    DOb = _head_base(DO, b64, q_start, h64, stride_dob, stride_dos, stride_doh)
+    LSEb = _head_base(LSE, b64, q_start, h64, stride_lb, 1, stride_lh)
+    DELTAb = _head_base(DELTA, b64, q_start, h64, stride_lb, 1, stride_lh)
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qs, stride_dos, offs_n, offs_d, b_lo * BLOCK_M,
+        head_end * BLOCK_M, seqlen_q, diag, qk_scale,
+        HEAD_DIM, BLOCK_M, True, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
+    )  # fmt: skip
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qs, stride_dos, offs_n, offs_d, b_full_lo * BLOCK_M,
+        b_full_hi * BLOCK_M, seqlen_q, diag, qk_scale,
+        HEAD_DIM, BLOCK_M, False, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
+    )  # fmt: skip
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qs, stride_dos, offs_n, offs_d, tail_lo * BLOCK_M,
+        nb * BLOCK_M, seqlen_q, diag, qk_scale,
+        HEAD_DIM, BLOCK_M, True, IS_CAUSAL, HAS_D_PAD, IS_DOT_FP32, DOT_PRECISION,
+    )  # fmt: skip
     dk = dk * sm_scale
-    DKb = _head_base(DK, b64, k_start, hk64, stride_dkb, stride_dks, stride_dkh)
-    DVb = _head_base(DV, b64, k_start, hk64, stride_dvb, stride_dvs, stride_dvh)
+    # (.., H, D) outputs: the key/value heads' gradients when group == 1, else one partial per query head
+    DKb = _head_base(DK, b64, k_start, h64, stride_dkb, stride_dks, stride_dkh)
+    DVb = _head_base(DV, b64, k_start, h64, stride_dvb, stride_dvs, stride_dvh)
     tl.store(DKb + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DVb + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
@@ -463,7 +519,7 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=pick_configs(_configs(_DQ_SHAPES), _DQ_INTERP), key=_KEY,
+@triton.autotune(configs=pick_configs(_configs("dq"), _DQ_INTERP), key=_KEY,
                  prune_configs_by={"early_config_prune": _make_prune("dq")})  # fmt: skip
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(
@@ -628,8 +684,6 @@ class _FlashAttn(torch.autograd.Function):
         bd = max(16, next_power_of_2(d))
         buf = _buffer_dtype(q.dtype, interp_bf16)
         dq = torch.empty(q.shape, dtype=buf, device=q.device)
-        dk = torch.empty(k.shape, dtype=buf, device=q.device)
-        dv = torch.empty(v.shape, dtype=buf, device=q.device)
         delta = torch.empty_like(lse)
         if varlen:
             n_batch, hq, hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
@@ -649,12 +703,19 @@ class _FlashAttn(torch.autograd.Function):
             ls = lse.stride()[:2]
             sq_fixed, sk_fixed = max_q, max_k
         group = hq // hkv
+        # dK, dV per query head: the gradients themselves when group == 1; with grouped-query heads, fp32 partials
+        # (.., Hq, D) that are summed over each group below (deterministic, no atomics, no loop over heads in the
+        # kernel keeping k, v and both accumulators live across it)
+        dk_heads, dv_heads = (
+            torch.empty((*k.shape[:-2], hq, d), dtype=buf if group == 1 else torch.float32, device=q.device)
+            for _ in range(2)
+        )  # fmt: skip
         dummy = cu_q if varlen else lse
         common = dict(HEAD_DIM=d, BLOCK_D=bd, IS_CAUSAL=causal, IS_VARLEN=varlen, HAS_D_PAD=bd != d,
                       IS_DOT_FP32=interp_bf16, DOT_PRECISION=_dot_precision(q.dtype))  # fmt: skip
         if n_batch == 0 or max_q == 0 or max_k == 0:  # nothing attends: every gradient is zero
-            dq, dk, dv = (t.zero_().to(q.dtype) for t in (dq, dk, dv))
-            return dq, dk, dv, None, None, None, None, None, None
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                    None, None, None, None, None, None)  # fmt: skip
         pre_m = 64
         _bwd_preprocess[(triton.cdiv(max_q, pre_m), n_batch, hq)](
             o, do, delta, dummy, *strides3(o), *strides3(do), *ls, sq_fixed,
@@ -662,12 +723,16 @@ class _FlashAttn(torch.autograd.Function):
         )  # fmt: skip
         bucket = _seqlen_bucket(max(max_q, max_k))
         cu_k_arg = cu_k if varlen else dummy
-        grid_kv = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_batch, hkv)  # noqa: E731
+        grid_kv = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_batch, hq)  # noqa: E731
         _attn_bwd_dkdv[grid_kv](
-            q, k, v, do, dk, dv, lse, delta, dummy, cu_k_arg, sm_scale * LOG2E, sm_scale,
-            *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(dk), *strides3(dv), *ls,
+            q, k, v, do, dk_heads, dv_heads, lse, delta, dummy, cu_k_arg, sm_scale * LOG2E, sm_scale,
+            *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(dk_heads), *strides3(dv_heads), *ls,
             sq_fixed, sk_fixed, group, bucket, **common,
         )  # fmt: skip
+        if group == 1:
+            dk, dv = dk_heads, dv_heads
+        else:  # query head h belongs to key/value head h // group: (.., Hkv, group, D) summed over the group
+            dk, dv = (t.view(*k.shape[:-2], hkv, group, d).sum(-2).to(buf) for t in (dk_heads, dv_heads))
         grid_q = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch, hq)  # noqa: E731
         _attn_bwd_dq[grid_q](
             q, k, v, do, dq, lse, delta, dummy, cu_k_arg, sm_scale * LOG2E, sm_scale,

@@ -7,8 +7,8 @@ module answers the questions the kernel launchers and the model's backend select
 - :func:`triton_available`: can the kernels run at all here (CUDA present, or the interpreter switched on)?
 - :func:`check_device`: raise :class:`KernelUnavailableError`, naming the reason, before a launch that cannot work.
 - :func:`use_autotune`: several ``@triton.autotune`` configs only when compiled for CUDA (the interpreter has no
-  CPU ``do_bench``, and one config keeps it fast); ``IGPT_KERNELS_AUTOTUNE=0`` also pins the first config (used by
-  the GPU test run so that every new shape does not pay for a full tuning sweep).
+  CPU ``do_bench``, and one config keeps it fast); ``IGPT_KERNELS_AUTOTUNE=0`` (read at each new launch shape) pins
+  the first config that fits (used by the GPU test run so that every new shape does not pay for a tuning sweep).
 """
 
 from __future__ import annotations
@@ -102,11 +102,12 @@ def use_autotune() -> bool:
 
 
 def pick_configs(configs: list, interpreter_config: object) -> list:
-    """The autotune candidate list: all ``configs`` on CUDA, the first only when autotuning is off, and
-    ``interpreter_config`` alone under ``TRITON_INTERPRET=1``."""
+    """The autotune candidate list: all ``configs`` on CUDA (each launch's ``early_config_prune`` keeps those for its
+    device and shape, and only the first of them when autotuning is off), ``interpreter_config`` alone under
+    ``TRITON_INTERPRET=1``."""
     if interpret_requested():
         return [interpreter_config]
-    return list(configs) if use_autotune() else [configs[0]]
+    return list(configs)
 
 
 def next_power_of_2(n: int) -> int:

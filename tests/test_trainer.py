@@ -133,35 +133,84 @@ def test_non_finite_loss_skips_step_then_stops(prepared_text_dir, tmp_path):
     assert trainer.skipped_steps == 3
 
 
-def test_wandb_offline_read_back(prepared_text_dir, tmp_path):
-    """The offline W&B run holds the same train/loss and eval/bpb values as metrics.jsonl."""
+def _wandb_runs(run_dir: str) -> list[dict]:
+    """Every offline W&B run file under ``run_dir`` (one per launch), oldest first: run record, history steps in
+    order, the history by step, the model artifacts."""
     from tests.wandb_reader import read_records
 
-    run_dir = str(tmp_path / "wb")
-    train(base(prepared_text_dir, run_dir, "trainer.max_steps=4", "trainer.eval_every=4",
-               "logger.wandb.mode=offline", "trainer.sample_every_eval=true"))
+    runs = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+        out = {"run": None, "history": {}, "steps": [], "artifacts": []}
+        for rec in read_records(path):
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
+                step = int(items["_step"])
+                out["steps"].append(step)
+                out["history"].setdefault(step, {}).update(items)
+            elif kind == "run" and out["run"] is None:
+                out["run"] = rec.run
+            elif kind == "artifact" and rec.artifact.type == "model":  # (sample tables are run_table artifacts)
+                out["artifacts"].append(rec.artifact)
+        runs.append(out)
+    return runs
+
+
+def test_wandb_offline_read_back(prepared_text_dir, prepared_sft_dir, tmp_path):
+    """The offline W&B runs hold the numbers of metrics.jsonl; a run interrupted between checkpoints and resumed
+    continues its W&B run with every step exactly once; the final checkpoint is a model artifact; an SFT run started
+    from the pretraining run shares its W&B group, with job_type = stage."""
     import wandb
 
-    wandb.teardown()  # the W&B service flushes its offline log when it stops (at process exit in a real run)
-    files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
-    assert len(files) == 1, files
-    history: dict[int, dict] = {}
-    config_seen = False
-    for rec in read_records(files[0]):
-        kind = rec.WhichOneof("record_type")
-        if kind == "history":
-            items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
-            history.setdefault(int(items["_step"]), {}).update(items)
-        elif kind == "run":  # the resolved config travels with the run record
-            config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
-            config_seen = config["trainer"]["max_steps"] == 4 and config["model"]["dim"] == 64
-    assert config_seen
-    ref = read_metrics(run_dir)
-    for step in range(1, 5):
-        assert float(history[step]["train/loss"]) == pytest.approx(ref[step]["loss"], rel=1e-9)
+    run_dir = str(tmp_path / "wb")
+    args = base(prepared_text_dir, run_dir, "trainer.max_steps=8", "trainer.eval_every=4", "trainer.ckpt_every=4",
+                "logger.wandb.mode=offline", "trainer.sample_every_eval=true", "trainer.sample_max_new_tokens=8",
+                "logger.wandb.log_model=true")
+    trainer = make_trainer(args)
+    step_fn = trainer.train_step
+
+    def crash_at_7(batch):  # W&B has steps 1..6, the newest checkpoint is step 4
+        if trainer.step == 6:
+            raise RuntimeError("simulated crash")
+        return step_fn(batch)
+
+    trainer.train_step = crash_at_7
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit()
+    trainer.close()
+    train(args)  # resumes from step 4, recomputes 5 and 6, ends at 8
+    sft_dir = str(tmp_path / "sft")
+    train(["+stage=sft", f"data.dir={prepared_sft_dir}", f"run_dir={sft_dir}", f"init_from={run_dir}", *TINY,
+           "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.eval_every=0",
+           "trainer.progress=false", "trainer.sample_every_eval=false", "trainer.eval_batches=1",
+           "logger.wandb.mode=offline"])  # fmt: skip
+    wandb.teardown()  # the W&B service flushes its offline logs when it stops (at process exit in a real run)
+
+    first, resumed = _wandb_runs(run_dir)
+    assert first["run"].run_id == resumed["run"].run_id  # one W&B run, continued
+    assert first["run"].run_group == resumed["run"].run_group == "wb" and first["run"].job_type == "pretrain"
+    config = {i.key: json.loads(i.value_json) for i in resumed["run"].config.update}
+    assert config["trainer"]["max_steps"] == 8 and config["model"]["dim"] == 64
+    # every step once across both launches: W&B keeps steps 5 and 6 from the first, the resumed run adds 7 and 8
+    assert first["steps"] == list(range(1, 7)) and resumed["steps"] == [7, 8]
+    history = {**first["history"], **resumed["history"]}
+    ref = read_metrics(run_dir)  # the last record per step: the resumed run's, equal to the first's (exact resume)
+    for step in range(1, 9):
+        assert float(history[step]["train/loss"]) == pytest.approx(ref[step]["loss"], rel=1e-9), step
         assert "perf/tokens_per_s" in history[step] and "sys/peak_mem_gb" in history[step]
-    assert float(history[4]["eval/bpb"]) == pytest.approx(read_metrics(run_dir, "val")[4]["bpb"], rel=1e-9)
-    assert int(history[4]["eval/samples/nrows"]) == 2  # one row per sample prompt
+    for step in (4, 8):
+        assert float(history[step]["eval/bpb"]) == pytest.approx(read_metrics(run_dir, "val")[step]["bpb"], rel=1e-9)
+    assert int(history[8]["eval/samples/nrows"]) == 2  # one row per sample prompt
+    assert not first["artifacts"]
+    (artifact,) = resumed["artifacts"]
+    assert artifact.type == "model" and artifact.name == f"model-{resumed['run'].run_id}"
+    files = {entry.path for entry in artifact.manifest.contents}
+    assert {"meta.json", "model.safetensors", "train_state.pt"} <= files
+    assert json.loads(artifact.metadata)["step"] == 8
+
+    (sft,) = _wandb_runs(sft_dir)
+    assert sft["run"].run_group == "wb" and sft["run"].job_type == "sft"
+    assert sft["run"].run_id != first["run"].run_id
 
 
 def test_compose_defaults():

@@ -59,7 +59,8 @@ class IgptLM(TemplateLM):
         checkpoint: an igpt checkpoint or run dir (its newest checkpoint), read by ``igpt.generate.load_checkpoint``.
         model, tokenizer: an igpt ``Transformer`` and its ``tokenizers.Tokenizer`` instead of a checkpoint.
         batch_size: requests per forward pass (``auto`` is not supported: it means 8).
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; dtype: ``float32`` (default), ``bfloat16``, ``float16``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (default: auto for a checkpoint, the model's own device for
+            an in-memory model); dtype: ``float32``, ``bfloat16`` or ``float16`` (default: as loaded, fp32).
         max_length: context window (default: the model's ``max_seq_len``). max_gen_toks: default generation budget.
         add_bos_token: put ``<|endoftext|>`` before every encoded context (default true, module docstring).
     """
@@ -73,7 +74,7 @@ class IgptLM(TemplateLM):
         tokenizer: Any = None,
         batch_size: int | str = 8,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 256,
         add_bos_token: bool = True,
@@ -83,16 +84,19 @@ class IgptLM(TemplateLM):
         super().__init__()
         from igpt.generate import load_checkpoint, resolve_device
 
-        if dtype not in DTYPES:
+        if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"igpt lm_eval model: dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
-        self._device = torch.device(resolve_device(device or "auto"))
         if model is None:
             if checkpoint is None:
                 raise ValueError("igpt lm_eval model: give checkpoint=<run or checkpoint dir> or model=, tokenizer=")
+            self._device = torch.device(resolve_device(device or "auto"))
             model, tokenizer, _ = load_checkpoint(str(checkpoint), self._device)
         elif tokenizer is None:
             raise ValueError("igpt lm_eval model: model= needs tokenizer= (the tokenizers.Tokenizer it trained with)")
-        self.model = model.to(self._device, DTYPES[dtype]).eval()
+        else:  # an in-memory model stays where it is unless asked; its train/eval mode is restored after each call
+            self._device = torch.device(device) if device else next(model.parameters()).device
+        model = model.to(self._device)
+        self.model = model.to(DTYPES[dtype]) if dtype else model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         if isinstance(batch_size, str) and not batch_size.isdigit():

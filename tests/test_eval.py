@@ -280,6 +280,9 @@ def test_cli_writes_results_and_names_bad_records(tmp_path, tasks, tokenizer_fil
     for entry in results.values():
         assert {"accuracy", "macro_f1"} <= set(entry["metrics"]) and len(entry["samples"]) == 5
         assert {"prediction", "target"} <= set(entry["samples"][0])
+    first = results["cls"]["samples"][0]  # an SFT checkpoint: labels are scored as chat replies
+    ctx, cont = answer_pair(load_tokenizer(tokenizer_file), first["prompt"], "love", chat=True, end_of_answer=True)
+    assert first["scores"]["love"] == pytest.approx(direct_logprob(tiny_model(5), ctx, cont), abs=1e-4)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "label": "x"}, {"prompt": "q", "label": ""}])
     assert eval_main([f"checkpoint={run}", f"tasks={bad}"]) == 2
     assert 'bad.jsonl:2: "label" must be a non-empty string' in capsys.readouterr().err

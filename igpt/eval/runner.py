@@ -61,17 +61,27 @@ def answer_pair(
     return ctx, whole[len(ctx) :]
 
 
+def _record_pairs(tokenizer: Any, record: Any, answers: Sequence[str], chat: bool, system: str | None,
+                  end_of_answer: bool = False) -> list[tuple[list[int], list[int]]]:
+    pairs = [answer_pair(tokenizer, record.prompt, a, chat, system, end_of_answer) for a in answers]
+    for a, (_, cont) in zip(answers, pairs):
+        if not cont:
+            raise ValueError(f"{record.where}: the answer {a!r} has no tokens of its own after the prompt")
+    return pairs
+
+
 def _pad_id(tokenizer: Any) -> int:
     pad = tokenizer.token_to_id(PAD)
     return 0 if pad is None else pad
 
 
 # ------------------------------------------------------------------------------------------------------- kinds
-def eval_choice(model, tokenizer, task: Task, chat: bool, batch_size: int, system=None, progress=False):
+def eval_choice(model: torch.nn.Module, tokenizer: Any, task: Task, chat: bool, batch_size: int,
+                system: str | None = None, progress: bool = False) -> dict[str, Any]:
     requests, spans = [], []
     for r in task.records:
         start = len(requests)
-        requests += [answer_pair(tokenizer, r.prompt, c, chat, system) for c in r.fields["choices"]]
+        requests += _record_pairs(tokenizer, r, r.fields["choices"], chat, system)
         spans.append((start, len(requests)))
     scores = score_requests(
         model, requests, batch_size, _pad_id(tokenizer), progress, f"{task.name}: scoring choices"
@@ -86,12 +96,13 @@ def eval_choice(model, tokenizer, task: Task, chat: bool, batch_size: int, syste
     return {"metrics": metrics, "samples": samples}
 
 
-def eval_classify(model, tokenizer, task: Task, chat: bool, batch_size: int, system=None, progress=False):
+def eval_classify(model: torch.nn.Module, tokenizer: Any, task: Task, chat: bool, batch_size: int,
+                  system: str | None = None, progress: bool = False) -> dict[str, Any]:
     requests, spans, label_lists = [], [], []
     for r in task.records:
         labels = record_labels(task, r)
         start = len(requests)
-        requests += [answer_pair(tokenizer, r.prompt, lab, chat, system, end_of_answer=True) for lab in labels]
+        requests += _record_pairs(tokenizer, r, labels, chat, system, end_of_answer=True)
         spans.append((start, len(requests)))
         label_lists.append(labels)
     scores = score_requests(model, requests, batch_size, _pad_id(tokenizer), progress, f"{task.name}: scoring labels")
@@ -108,8 +119,9 @@ def eval_classify(model, tokenizer, task: Task, chat: bool, batch_size: int, sys
     return {"metrics": metrics, "per_class": per_class, "samples": samples}
 
 
-def greedy_responses(model, tokenizer, prompts: Sequence[Prompt], chat: bool, batch_size: int, max_new_tokens: int,
-                     system=None, progress=False, desc="generating") -> list[str]:
+def greedy_responses(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Prompt], chat: bool, batch_size: int,
+                     max_new_tokens: int, system: str | None = None, progress: bool = False,
+                     desc: str = "generating") -> list[str]:
     """Greedy responses to ``prompts`` (``igpt.generate.generate`` with temperature 0), ``batch_size`` at a time."""
     from igpt.generate import generate
 
@@ -123,8 +135,8 @@ def greedy_responses(model, tokenizer, prompts: Sequence[Prompt], chat: bool, ba
     return out
 
 
-def eval_generate(model, tokenizer, task: Task, chat: bool, batch_size: int, max_new_tokens: int,
-                  normalize: Sequence[str], system=None, progress=False):
+def eval_generate(model: torch.nn.Module, tokenizer: Any, task: Task, chat: bool, batch_size: int, max_new_tokens: int,
+                  normalize: Sequence[str], system: str | None = None, progress: bool = False) -> dict[str, Any]:
     responses = greedy_responses(model, tokenizer, [r.prompt for r in task.records], chat, batch_size,
                                  max_new_tokens, system, progress, f"{task.name}: generating")
     y_pred = [M.normalize_answer(x, normalize) for x in responses]
@@ -144,7 +156,8 @@ def eval_generate(model, tokenizer, task: Task, chat: bool, batch_size: int, max
     return {"metrics": metrics, "per_class": per_class, "samples": samples}
 
 
-def eval_text_perplexity(model, tokenizer, task: Task, batch_size: int, progress=False):
+def eval_text_perplexity(model: torch.nn.Module, tokenizer: Any, task: Task, batch_size: int,
+                         progress: bool = False) -> dict[str, Any]:
     """Loss (nats per token), bits per UTF-8 byte and next-token accuracy of a text file read as one document."""
     from igpt.data.chat import encode_text
     from igpt.data.formats import read_text
@@ -166,7 +179,8 @@ def eval_text_perplexity(model, tokenizer, task: Task, batch_size: int, progress
     return {"metrics": metrics, "samples": []}
 
 
-def eval_prepared_perplexity(model, tokenizer, task: Task, batch_size: int, progress=False):
+def eval_prepared_perplexity(model: torch.nn.Module, tokenizer: Any, task: Task, batch_size: int,
+                             progress: bool = False) -> dict[str, Any]:
     """The same metrics over the ``val`` split of a prepared dataset (kind text or sft: the loss tokens only)."""
     import json
 
@@ -207,8 +221,9 @@ def eval_prepared_perplexity(model, tokenizer, task: Task, batch_size: int, prog
     return {"metrics": metrics, "samples": []}
 
 
-def eval_preference(model, tokenizer, task: Task, chat: bool, batch_size: int, max_new_tokens: int, judge: Scorer,
-                    reference_model=None, system=None, progress=False):
+def eval_preference(model: torch.nn.Module, tokenizer: Any, task: Task, chat: bool, batch_size: int,
+                    max_new_tokens: int, judge: Scorer, reference_model: torch.nn.Module | None = None,
+                    system: str | None = None, progress: bool = False) -> dict[str, Any]:
     prompts = [r.prompt for r in task.records]
     if task.form == "pairwise":
         chosen = [r.fields["chosen"] for r in task.records]
@@ -312,7 +327,9 @@ def _baselines(train_path: str, task: Task, steps: Sequence[str]) -> dict[str, d
     return run_baselines(train_texts, train_y, texts, y_true, sorted(set(y_true)))
 
 
-def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | Task] | str, **kwargs: Any):
+def run_tasks(
+    model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | Task] | str, **kwargs: Any
+) -> dict[str, dict[str, float]]:
     """``{task name: metrics}``: ``evaluate`` without the samples (what a trainer logs every ``eval_every`` steps)."""
     return {name: entry["metrics"] for name, entry in evaluate(model, tokenizer, tasks, **kwargs).items()}
 

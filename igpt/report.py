@@ -205,7 +205,7 @@ def svg_plot(title: str, lines: Sequence[dict[str, Any]], width: int = 520, heig
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in finite)
         out.append(f'<polyline points="{coords}" fill="none" stroke="{line["color"]}" stroke-width="1.6"{dash}>'
                    f"<title>{label}</title></polyline>")
-        if len(finite) <= 60:  # few points (evaluations): mark each, with its value as a tooltip
+        if len(finite) <= 24:  # few points (evaluations): mark each, with its value as a tooltip
             for x, y in finite:
                 out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.6" fill="{line["color"]}">'
                            f"<title>{label}: step {fmt(x)}, {fmt(y)}</title></circle>")

@@ -42,7 +42,9 @@ BASELINE_NAMES = {"majority": "majority class", "tfidf_logreg": "tf-idf + logist
 def format_table(name: str, entry: dict[str, Any], model_label: str) -> str:
     """One task's metrics as an aligned text table: the model's row, then each baseline's."""
     rows = [(model_label, entry["metrics"])]
-    rows += [(BASELINE_NAMES.get(k, k), v) for k, v in entry.get("baselines", {}).items()]
+    for key, m in entry.get("baselines", {}).items():
+        label = BASELINE_NAMES.get(key, key) + (f" (C={m['C']:g})" if "C" in m else "")
+        rows.append((label, m))
     columns = list(entry["metrics"])
     width = max(len(label) for label, _ in rows)
     head = f"{name} ({entry['kind']}, {entry['records']} records)" if entry["records"] else f"{name} ({entry['kind']})"

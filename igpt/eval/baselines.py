@@ -6,10 +6,17 @@ regression and an RNN): a model that learned nothing beyond the label frequencie
 - ``majority``: always the most frequent training label (ties: the first seen); its probabilities are the training
   label frequencies, so its loss is the cross-entropy of the prior.
 - ``tfidf_logreg``: scikit-learn's ``TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)`` on the prompt text and
-  ``LogisticRegression(max_iter=1000)`` with its default regularisation (C=1); no tuning on the evaluated records.
+  ``LogisticRegression``; its inverse regularisation strength C is picked from 0.1, 1, 10, 100 by stratified 3-fold
+  cross-validation (accuracy; vectorizer and classifier refitted per fold) on the training file alone, then the pair
+  is refitted on all of it (C=1 without cross-validation when a class has a single training example). Nothing is
+  tuned on the evaluated records. With its default C=1 a bag-of-words model on a few hundred examples underfits
+  badly (on the demo's topics: 0.64 accuracy, against 0.87 with C chosen by cross-validation), which would flatter
+  any model compared with it. Fits run on one thread: the problems are small, and BLAS threads only contend with the
+  model's.
 
 Both return the metrics of ``igpt.eval`` for the same records: ``accuracy``, ``macro_f1`` and ``loss`` (mean
-cross-entropy of the true label; a label never seen in training gets probability 1e-12).
+cross-entropy of the true label; a label never seen in training gets probability 1e-12); ``tfidf_logreg`` also its
+chosen ``C``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from igpt.eval.metrics import classification_metrics
 from igpt.eval.tasks import Prompt, read_task
 
 _FLOOR = 1e-12
+C_GRID = (0.1, 1.0, 10.0, 100.0)
 
 
 def prompt_text(prompt: Prompt) -> str:
@@ -62,16 +70,28 @@ def tfidf_logreg(
     """Metrics of TF-IDF + logistic regression (module docstring)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from threadpoolctl import threadpool_limits
 
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    clf = LogisticRegression(max_iter=1000, random_state=seed)
-    clf.fit(vectorizer.fit_transform(train_texts), train_labels)
-    proba = clf.predict_proba(vectorizer.transform(texts))  # (N, classes)
+    def model(c: float):
+        return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                             LogisticRegression(C=c, max_iter=2000, random_state=seed))
+
+    folds = min(3, min(Counter(train_labels).values()))
+    with threadpool_limits(limits=1):
+        best = 1.0
+        if folds >= 2:  # the vectorizer is refitted inside each fold, so no held-out fold leaks into its vocabulary
+            cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+            scores = [cross_val_score(model(c), list(train_texts), list(train_labels), cv=cv).mean() for c in C_GRID]
+            best = C_GRID[max(range(len(C_GRID)), key=lambda i: (scores[i], -i))]  # ties: the stronger regularisation
+        clf = model(best).fit(list(train_texts), list(train_labels))
+        proba = clf.predict_proba(list(texts))  # (N, classes)
     classes = [str(c) for c in clf.classes_]
     probs = [dict(zip(classes, row.tolist())) for row in proba]
     preds = [classes[int(row.argmax())] for row in proba]
     metrics, _ = classification_metrics(y_true, preds, label_set)
-    return {**metrics, "loss": _loss(probs, y_true)}
+    return {**metrics, "loss": _loss(probs, y_true), "C": float(best)}
 
 
 def run_baselines(

@@ -333,6 +333,9 @@ def report(run_dirs: Sequence[str], output: str, title: str = "igpt run report")
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0 if argv else 2
     options = {"output": "report.html", "title": "igpt run report"}
     run_dirs = []
     for arg in argv:

@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from igpt.generate import load_checkpoint, parse_kv_args, resolve_chat, resolve_device
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     try:
         args = parse_kv_args(argv, SPEC, "igpt.eval")
         if args["batch_size"] < 1 or args["max_new_tokens"] < 1:

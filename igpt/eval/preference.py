@@ -1,0 +1,98 @@
+"""Preference metrics judged by a scoring function: reward-model pairwise accuracy and win rate against a reference.
+
+A *scorer* has the form of a TRL reward function (and of PPO's ``reward.functions``):
+``scorer(prompts: list[Prompt], completions: list[str]) -> list[float]``, one scalar reward per (prompt, completion)
+pair, higher is better. Everything here takes the scorer as an argument, so it runs with a reward model, a rule-based
+reward function, or a stub in tests.
+
+- Pairwise accuracy (InstructGPT's reward-model accuracy, Ouyang et al. 2022; TRL's ``RewardTrainer`` ``accuracy``):
+  the fraction of ``(prompt, chosen, rejected)`` records where ``r(chosen) > r(rejected)``; a tie counts 0.5. Also the
+  mean margin ``r(chosen) - r(rejected)``.
+- Win rate (AlpacaEval-style, with a reward model as the judge): the fraction of prompts where the evaluated model's
+  response scores higher than the reference response; a tie counts 0.5.
+
+``reward_model_scorer`` is the hook that turns a reward-model checkpoint into a scorer. The reward-model stage (a
+scalar head on the transformer) is being built alongside this module; until it is connected the hook raises an error
+that says so, and ``judge=<module:function>`` (any TRL-style reward function) works already.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+
+from igpt.eval.tasks import Prompt
+
+Scorer = Callable[[list[Prompt], list[str]], list[float]]
+
+
+def _scores(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+    out = [float(x) for x in scorer(list(prompts), list(completions))]
+    if len(out) != len(completions):
+        raise ValueError(f"the scorer returned {len(out)} rewards for {len(completions)} completions")
+    return out
+
+
+def _wins(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+
+def pairwise_accuracy(
+    scorer: Scorer, prompts: Sequence[Prompt], chosen: Sequence[str], rejected: Sequence[str]
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """``({"accuracy", "margin", "reward_chosen", "reward_rejected"}, per-record rewards)`` (module docstring)."""
+    rc = _scores(scorer, prompts, chosen)
+    rr = _scores(scorer, prompts, rejected)
+    wins = _wins(rc, rr)
+    n = len(wins)
+    metrics = {
+        "accuracy": sum(wins) / n,
+        "margin": sum(c - r for c, r in zip(rc, rr)) / n,
+        "reward_chosen": sum(rc) / n,
+        "reward_rejected": sum(rr) / n,
+    }
+    return metrics, [{"reward_chosen": c, "reward_rejected": r, "win": w} for c, r, w in zip(rc, rr, wins)]
+
+
+def win_rate(
+    scorer: Scorer, prompts: Sequence[Prompt], responses: Sequence[str], references: Sequence[str]
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """``({"win_rate", "accuracy", "reward", "reward_reference"}, per-record rewards)``; ``accuracy`` is the win rate
+    (every igpt.eval kind reports an ``accuracy``)."""
+    r = _scores(scorer, prompts, responses)
+    ref = _scores(scorer, prompts, references)
+    wins = _wins(r, ref)
+    n = len(wins)
+    rate = sum(wins) / n
+    metrics = {"win_rate": rate, "accuracy": rate, "reward": sum(r) / n, "reward_reference": sum(ref) / n}
+    return metrics, [{"reward": a, "reward_reference": b, "win": w} for a, b, w in zip(r, ref, wins)]
+
+
+def reward_model_scorer(checkpoint: str, device: str = "cpu", batch_size: int = 8) -> Scorer:
+    """HOOK for the reward-model stage: a scorer backed by a reward-model checkpoint (``meta.json`` stage ``rm``).
+
+    To connect: load the checkpoint with its scalar head, encode each (prompt, completion) with the chat template
+    (``igpt.data.chat.encode_chat`` of the prompt's messages plus the assistant completion), run it ``batch_size`` pairs
+    at a time on ``device`` in eval mode, and return the reward read at each sequence's last token.
+    """
+    raise NotImplementedError(
+        f"judge={checkpoint}: scoring with a reward-model checkpoint needs the reward-model stage, which this build "
+        f"does not have yet; pass judge=<module:function> (a TRL-style reward function) instead"
+    )
+
+
+def load_scorer(spec: str, device: str = "cpu", batch_size: int = 8) -> Scorer:
+    """A scorer from ``judge=``: a reward-model checkpoint or run dir, or ``package.module:function``."""
+    if os.path.isdir(spec):
+        return reward_model_scorer(spec, device, batch_size)
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"judge={spec!r}: expected a reward-model checkpoint dir or module:function")
+    try:
+        func = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"judge={spec!r}: cannot import {name} from {module} ({e})") from None
+    if not callable(func):
+        raise ValueError(f"judge={spec!r}: {module}.{name} is not callable")
+    return func

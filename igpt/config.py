@@ -152,6 +152,8 @@ class TrainerConfig:
     seed: int = 1337
     eval_every: int = 50
     eval_at_start: bool = False  # also evaluate before the first step (logged as step 0): the starting point
+    eval_tasks: list[str] = field(default_factory=list)  # igpt.eval task files scored at every eval (eval/<task>/*)
+    eval_tasks_batch_size: int = 8
     eval_batches: int = 0  # 0: the whole validation split
     ckpt_every: int = 100
     ckpt_at_end: bool = True  # also checkpoint at max_steps (false: throughput runs that keep nothing)

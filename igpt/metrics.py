@@ -87,9 +87,9 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             names = _WANDB_KEYS.get(record["split"], {})
-            prefix = record["split"]
+            prefix = "eval" if record["split"] == "val" else record["split"]  # eval/*, as the dashboards group them
             data = {
-                names.get(k, f"{prefix}/{k}"): v
+                k if k.startswith("eval/") else names.get(k, f"{prefix}/{k}"): v
                 for k, v in record.items()
                 if k not in ("step", "split", "time") and isinstance(v, (int, float))
             }

@@ -166,6 +166,11 @@ class Trainer:
         self.pad_id = self.tokenizer.token_to_id(PAD) or 0
         self.stop_ids = [i for i in (self.tokenizer.token_to_id(t) for t in STOP_TOKENS) if i is not None]
         self.train_loader = self.make_loader("train", loop=True)
+        self._tasks = []
+        if cfg.trainer.eval_tasks:  # read and checked at start: a bad record names its file and line before training
+            from igpt.eval import load_tasks
+
+            self._tasks = load_tasks(list(cfg.trainer.eval_tasks))
         #: every loader whose position a checkpoint keeps ("train" here; a stage may add more, e.g. PPO-ptx's text)
         self.loaders = {"train": self.train_loader}
 
@@ -538,7 +543,7 @@ class Trainer:
                             self.cfg.data.dir)
                 self._warned_no_val = True
             return {}
-        result = self.stage.evaluate()
+        result = {**self.stage.evaluate(), **self._eval_tasks()}
         self.metrics.log({"step": self.step, "split": "val", **result})
         log.info("step %d: %s", self.step, self.stage.eval_summary(result))
         table = getattr(self.stage, "eval_table", None)
@@ -553,6 +558,23 @@ class Trainer:
                 for prompt, text in rows:
                     log.info("sample %r -> %r", prompt, text)
         return result
+
+    def _eval_tasks(self) -> dict[str, float]:
+        """``trainer.eval_tasks`` scored on the main model (``igpt.eval``): ``{"eval/<task>/<metric>": value}``.
+
+        The model's weights are gathered once for all the tasks; with a sharded strategy every rank runs the same
+        forwards (they are collectives), otherwise rank 0 alone does the work."""
+        tasks = list(self.cfg.trainer.eval_tasks)
+        main = next(iter(self.trainable.values()))
+        if not tasks or main.module.head != "lm" or (not self.strategy.sharded and not self.is_main):
+            return {}
+        from igpt.eval import metric_keys, run_tasks
+
+        with main.gathered() as model, self.strategy.autocast():
+            metrics = run_tasks(model, self.tokenizer, self._tasks, chat=self.stage.chat,
+                                batch_size=self.cfg.trainer.eval_tasks_batch_size,
+                                max_new_tokens=self.cfg.trainer.sample_max_new_tokens)
+        return metric_keys(metrics) if self.is_main else {}
 
     def _progress(self, total: int):
         if not (self.is_main and self.cfg.trainer.progress):

@@ -287,4 +287,50 @@ def test_cli_writes_results_and_names_bad_records(tmp_path, tasks, tokenizer_fil
     assert eval_main([f"checkpoint={run}", f"tasks={bad}"]) == 2
     assert 'bad.jsonl:2: "label" must be a non-empty string' in capsys.readouterr().err
     assert eval_main([f"checkpoint={run}", f"tasks={tasks['pair']}", f"judge={run}"]) == 2
-    assert "needs the reward-model stage" in capsys.readouterr().err  # the hook, until the RM stage connects it
+    assert "not a reward model" in capsys.readouterr().err  # an LM checkpoint cannot judge
+
+
+def test_reward_model_judge_scores_like_the_rm_stage(tasks, tokenizer_file, tmp_path):
+    """judge=<reward-model run>: pairwise accuracy from the scalar head at each chat-encoded response's last token,
+    equal to scoring the same sequences with igpt.stages.rm.score directly."""
+    from igpt.data.chat import encode_chat
+    from igpt.eval import load_scorer, pairwise_accuracy
+    from igpt.stages.rm import score
+
+    torch.manual_seed(7)
+    rm = Transformer(ModelConfig(**CFG), head="scalar").eval()
+    run = str(tmp_path / "rm")
+    write_checkpoint(run, rm, tokenizer_file, stage="rm")
+    records = [json.loads(line) for line in open(tasks["pair"], encoding="utf-8")]
+    scorer = load_scorer(run, batch_size=2)  # batches of 2 with padding: the same numbers as one at a time
+    metrics, rows = pairwise_accuracy(scorer, [r["prompt"] for r in records], [r["chosen"] for r in records],
+                                      [r["rejected"] for r in records])
+    tok = load_tokenizer(tokenizer_file)
+    for r, row in zip(records, rows):
+        for key in ("chosen", "rejected"):
+            ids = torch.tensor([encode_chat(tok, [{"role": "user", "content": r["prompt"]},
+                                                  {"role": "assistant", "content": r[key]}])[0]])
+            want = score(rm, ids, torch.ones_like(ids, dtype=torch.bool)).item()
+            assert row[f"reward_{key}"] == pytest.approx(want, abs=1e-5)
+    assert metrics["accuracy"] == pytest.approx(sum(row["win"] for row in rows) / len(rows))
+
+
+def test_trainer_scores_eval_tasks_at_every_eval(tasks, prepared_sft_dir, tmp_path):
+    """trainer.eval_tasks: each eval logs eval/<task>/<metric> into the val record, the numbers run_tasks gives for
+    the checkpoint saved at that step."""
+    from igpt.checkpoint import load_model
+    from igpt.eval import run_tasks
+    from tests.conftest import TINY
+    from tests.trainutil import read_metrics, train
+
+    run = str(tmp_path / "sft")
+    train(["+stage=sft", f"data.dir={prepared_sft_dir}", f"run_dir={run}", *TINY, "trainer.max_steps=2",
+           "trainer.global_batch_size=8", "trainer.micro_batch_size=8", "trainer.eval_every=2",
+           "trainer.eval_batches=1", "trainer.progress=false", "trainer.sample_every_eval=false",
+           "logger.wandb.mode=disabled", "data.num_partitions=2", f"trainer.eval_tasks=[{tasks['cls']}]"])
+    val = read_metrics(run, "val")[2]
+    model, tok, _ = load_model(run)
+    want = run_tasks(model, tok, [tasks["cls"]], chat=True)["cls"]
+    assert {"eval/cls/accuracy", "eval/cls/macro_f1", "eval/cls/loss"} <= set(val)
+    for key, value in want.items():
+        assert val[f"eval/cls/{key}"] == pytest.approx(value, abs=1e-6), key

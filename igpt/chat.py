@@ -17,9 +17,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from igpt.generate import (
-    PAD,
     SAMPLING_SPEC,
-    STOP_TOKENS,
     encode_prompt,
     generate_ids,
     is_chat_checkpoint,
@@ -74,11 +72,11 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not is_chat_checkpoint(meta):
+    if not is_chat_checkpoint(meta, tokenizer):
         log.warning("checkpoint stage is %r: it was not trained on the chat format", meta.get("stage"))
     system = [{"role": "system", "content": args["system"]}] if args["system"] else []
     history = list(system)
-    stop_ids = [tid for tid in (tokenizer.token_to_id(s) for s in STOP_TOKENS) if tid is not None]
+    stop_ids = tokenizer.stop_ids
     budget = max(1, model.cfg.max_seq_len - args["max_new_tokens"])
     interactive = stdin.isatty()
     stdout.write("igpt chat: /reset clears the conversation, /exit quits\n")
@@ -112,7 +110,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
             top_p=args["top_p"],
             seed=args["seed"] + turn,
             stop_ids=stop_ids,
-            pad_id=tokenizer.token_to_id(PAD) or 0,
+            pad_id=tokenizer.pad_id,
             stream=streamer,
         )
         history.append({"role": "assistant", "content": streamer.finish()})

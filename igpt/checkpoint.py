@@ -10,6 +10,11 @@ The stage's first trainable model (the policy, or the reward model) is written a
 tool that reads "the model" of a checkpoint finds it there; any further trainable model (PPO's critic) is written the
 same way into a folder named after its role. ``meta.json`` lists them under ``"models"``.
 
+``open_source`` reads any source of weights (an igpt checkpoint or run dir, or a Hugging Face model folder through
+``igpt/hub.py``) as a :class:`WeightsSource`: its ModelConfig, head, tokenizer folder and the weights streamed tensor by
+tensor; ``load_model`` builds a model from one. A missing shard, or a truncated or corrupt weights file, is an error
+naming the file.
+
 A checkpoint is written into ``.tmp-step_XXXXXXX`` and renamed only when every rank has finished writing, and
 ``latest`` is replaced (write + ``os.replace``) only after the rename, so a run killed mid-write leaves the previous
 checkpoint intact. ``meta.json`` records every file with its size; ``find_latest`` checks them and falls back to the
@@ -24,6 +29,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -136,13 +142,24 @@ def model_dir(ckpt_dir: str, role: str | None = None) -> str:
     return os.path.normpath(os.path.join(ckpt_dir, roles[role]["dir"]))
 
 
+def _safetensors_error(path: str, e: Exception) -> ValueError:
+    return ValueError(
+        f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt (copy or download it again)"
+    )
+
+
 def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
-    """Full model weights from a folder of any strategy: ``model.safetensors`` or sharded DCP ``model/``."""
+    """Full model weights from a folder of any strategy: ``model.safetensors`` or sharded DCP ``model/``.
+
+    A truncated or corrupt weights file is a ValueError naming it."""
     st = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.exists(st):
         from safetensors.torch import load_file
 
-        return load_file(st)
+        try:
+            return load_file(st)
+        except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a bad file
+            raise _safetensors_error(st, e) from None
     dcp_dir = os.path.join(ckpt_dir, "model")
     if os.path.isdir(dcp_dir):
         return read_dcp(dcp_dir)
@@ -151,19 +168,35 @@ def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
 
 def read_dcp(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a torch.distributed.checkpoint folder, read in one process without a process group (shapes
-    from the checkpoint's metadata; keys flattened as DCP stores them, e.g. ``optim.state.<param>.exp_avg``)."""
+    from the checkpoint's metadata; keys flattened as DCP stores them, e.g. ``optim.state.<param>.exp_avg``).
+    An unreadable folder is a ValueError naming it."""
+    reader, md = _dcp_metadata(path)
+    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()}
+    _dcp_load(state, reader, path)
+    return state
+
+
+def _dcp_metadata(dcp_dir: str):
+    """``(reader, {name: TensorStorageMetadata})`` of a DCP checkpoint folder; ValueError naming it if unreadable."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(path)
-    md = reader.read_metadata()
-    state = {
-        k: torch.empty(v.size, dtype=v.properties.dtype)
-        for k, v in md.state_dict_metadata.items()
-        if isinstance(v, TensorStorageMetadata)
-    }
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    return state
+    reader = dcp.FileSystemReader(dcp_dir)
+    try:
+        md = reader.read_metadata()
+    except Exception as e:
+        raise ValueError(f"{dcp_dir}: unreadable torch.distributed.checkpoint metadata ({e!r})") from None
+    return reader, {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def _dcp_load(state: dict[str, torch.Tensor], reader, dcp_dir: str) -> None:
+    """Read ``state``'s tensors in place from DCP shards, without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    except Exception as e:  # DCP wraps a short read in CheckpointException
+        raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
 
 
 def load_weights(
@@ -203,30 +236,229 @@ def model_head(meta: dict[str, Any], role: str | None = None) -> str:
     return roles[role]["head"]
 
 
-def load_model(path: str, device: str | torch.device = "cpu", role: str | None = None):
-    """``(model, tokenizer, meta)`` from a checkpoint dir or a run dir (its newest complete checkpoint), whatever
-    strategy and world size wrote it; ``role`` picks a model other than the main one (e.g. ``"critic"``). The model is
-    a plain ``Transformer`` in eval mode on ``device``; a reward model gets the normalisation stored with it."""
+# ---------------------------------------------------------------------------------------------------- weight sources
+VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass
+class WeightsSource:
+    """Where a model comes from: an igpt checkpoint (or run dir) or a Hugging Face model folder (``igpt/hub.py``).
+
+    Either way it gives the :class:`~igpt.config.ModelConfig` (``model``), the stored head, the weights as a stream
+    of ``(igpt name, tensor)`` read one tensor at a time from their files (:meth:`load_into`: no second full copy of
+    the model in memory), and the tokenizer folder with its chat format (``tokenizer.json`` and, when present,
+    ``tokenizer_config.json`` / ``chat_template.jinja`` / ``generation_config.json``). ``hf_config`` is the
+    ``config.json`` of an imported model (kept in the meta.json of every checkpoint trained from it, so the export
+    writes the original architecture class).
+    """
+
+    path: str  # the checkpoint dir or the model folder
+    kind: str  # "igpt" | "hf"
+    model: Any  # ModelConfig
+    head: str  # the stored model's head: "lm" | "scalar"
+    meta: dict[str, Any]
+    folder: str  # the folder of the weights (a role's subfolder of an igpt checkpoint)
+    reward_mean: float = 0.0  # a reward model's normalisation (subtracted from its scores when loaded frozen)
+    hf_config: dict[str, Any] | None = None
+    key: str = "checkpoint"  # the config key or argument that named it, for errors
+
+    @property
+    def where(self) -> str:
+        return f"{self.key}={self.path}"
+
+    @property
+    def stage(self) -> str | None:
+        return self.meta.get("stage")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.path
+
+    def chat_format(self):
+        """The tokenizer stored with the model and its chat format (``igpt.data.chat.ChatFormat``)."""
+        from igpt.data.chat import ChatFormat
+
+        return ChatFormat.load(self.path, self.meta.get("tokenizer", "tokenizer.json"))
+
+    def describe(self) -> str:
+        if self.kind == "hf":
+            return f"{self.path} ({(self.hf_config or {}).get('architectures', ['?'])[0]})"
+        return f"{self.path} (step {self.meta.get('step')} of stage {self.meta.get('stage')})"
+
+    # ---- weights ----------------------------------------------------------------------------------------------
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """igpt name -> stored shape of every weight (read from the file headers only)."""
+        return {name: shape for name, shape, _ in self._entries()}
+
+    def _entries(self):
+        """``(igpt name, shape, reader)`` per stored tensor, where ``reader(out)`` fills ``out`` (or returns the
+        tensor when ``out`` is None)."""
+        if self.kind == "igpt" and os.path.isdir(os.path.join(self.folder, "model")) and not os.path.exists(
+            os.path.join(self.folder, "model.safetensors")
+        ):
+            yield from self._dcp_entries()
+            return
+        if self.kind == "hf":
+            from igpt.hub import weight_files
+
+            files = weight_files(self.folder)
+        else:
+            files = {os.path.join(self.folder, "model.safetensors"): []}
+            if not os.path.exists(next(iter(files))):
+                raise FileNotFoundError(f"{self.folder}: no model.safetensors or model/ (DCP) weights")
+        yield from self._safetensors_entries(files)
+
+    def _safetensors_entries(self, files: dict[str, list[str]]):
+        from safetensors import safe_open
+
+        from igpt.hub import igpt_name
+
+        for path, listed in files.items():
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as e:
+                raise _safetensors_error(path, e) from None
+            with handle as f:
+                names = set(f.keys())
+                absent = sorted(set(listed) - names)
+                if absent:
+                    raise ValueError(f"{path}: the index lists {absent[:3]} in this shard, but it does not hold them")
+                for name in sorted(names):
+                    ours = name if self.kind == "igpt" else igpt_name(name)
+                    if ours is None:
+                        continue
+                    shape = tuple(f.get_slice(name).get_shape())
+
+                    def read(out=None, f=f, name=name, path=path):
+                        try:
+                            t = f.get_tensor(name)
+                        except Exception as e:
+                            raise _safetensors_error(path, e) from None
+                        return t if out is None else out.copy_(t)
+
+                    yield ours, shape, read
+
+    def _dcp_entries(self):
+        dcp_dir = os.path.join(self.folder, "model")
+        reader, md = _dcp_metadata(dcp_dir)
+        for name, v in md.items():
+
+            def read(out=None, name=name, v=v):
+                if out is None or tuple(out.shape) != tuple(v.size) or out.dtype != v.properties.dtype:
+                    t = torch.empty(v.size, dtype=v.properties.dtype)
+                    _dcp_load({name: t}, reader, dcp_dir)
+                    return t if out is None else out.copy_(t)
+                _dcp_load({name: out}, reader, dcp_dir)
+                return out
+
+            yield name, tuple(v.size), read
+
+    @torch.no_grad()
+    def load_into(self, model: torch.nn.Module, strict: bool = True) -> list[str]:
+        """Copy the weights into ``model`` (a plain ``Transformer``) tensor by tensor; return its keys left as they
+        were (a new head). ``strict=False`` lets the output head differ (an LM body into a reward model or critic).
+
+        A model with more vocabulary rows than stored (tokens added to the tokenizer) keeps the stored rows and
+        starts the new ones at the mean of the stored ones (the resize rule of Hewitt 2021, as in transformers).
+        """
+        params = dict(model.state_dict(keep_vars=True))
+        tied = getattr(model, "tied", False)
+        heads = {"lm_head.weight", "score.weight"}
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        for name, shape, read in self._entries():
+            if tied and name == "lm_head.weight":
+                continue  # the stored copy of a tied matrix; the model's is embed_tokens.weight
+            target = params.get(name)
+            if target is None:
+                if strict or name not in heads:
+                    unexpected.append(name)
+                continue
+            want = tuple(target.shape)
+            if shape == want:
+                read(target.data)
+            elif name in VOCAB_ROWS and len(shape) == 2 and shape[1] == want[1] and shape[0] < want[0]:
+                stored = read()
+                target.data[: shape[0]].copy_(stored)
+                target.data[shape[0] :].copy_(stored.float().mean(0).to(target.dtype))
+                log.info("%s: %s has %d rows for %d tokens: the %d new rows start at the mean row", self.where,
+                         name, shape[0], want[0], want[0] - shape[0])
+            else:
+                raise ValueError(f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
+                                 f"expects {list(want)}")
+            loaded.add(name)
+        missing = sorted(k for k in params if k not in loaded and not (tied and k == "lm_head.weight"))
+        bad = missing if strict else [k for k in missing if k not in heads]
+        if bad or unexpected:
+            raise ValueError(
+                f"{self.where}: weights do not match the model: missing {bad}, unexpected {sorted(unexpected)}"
+            )
+        if tied:
+            model.lm_head.weight = model.embed_tokens.weight
+        return missing
+
+
+def open_source(path: str, key: str = "checkpoint", role: str | None = None) -> WeightsSource:
+    """The :class:`WeightsSource` at ``path``: an igpt checkpoint dir, a run dir (its newest complete checkpoint) or a
+    Hugging Face model folder. ``role`` picks a model other than an igpt checkpoint's main one (e.g. ``"critic"``).
+    Errors name ``key``, the path and what was expected."""
+    from igpt import hub
     from igpt.config import ModelConfig
-    from igpt.data.tokenizer import load_tokenizer
-    from igpt.model import Transformer
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint={path}: no such directory")
-    ckpt = resolve(path)
+        raise FileNotFoundError(f"{key}={path}: no such directory")
+    if hub.is_model_folder(path):
+        if role is not None:
+            raise ValueError(f"{key}={path}: a Hugging Face model folder holds one model, not a {role!r} role")
+        config = hub.read_config(path)
+        cfg, head = hub.model_config(config, os.path.join(path, hub.CONFIG))
+        meta = {"stage": None, "model": asdict(cfg), "hf_config": config, "tokenizer": "tokenizer.json",
+                "precision": _hf_precision(config)}
+        return WeightsSource(path, "hf", cfg, head, meta, path, float(config.get("igpt_reward_mean", 0.0)), config,
+                             key)
+    try:
+        ckpt = resolve(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{key}={path}: {e}; a Hugging Face model folder needs config.json and model.safetensors (or "
+            f"model.safetensors.index.json)"
+        ) from None
+    ok, why = is_complete(ckpt)
+    if not ok:
+        raise ValueError(f"{key}={path}: checkpoint {ckpt} is incomplete or corrupt: {why}")
     meta = read_meta(ckpt)
     if "model" not in meta:
         raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: no 'model' entry (the ModelConfig the weights belong to)")
-    cfg = ModelConfig(**meta["model"])
-    head = model_head(meta, role)
-    with torch.device("meta"):
-        model = Transformer(cfg, head=head)
+    try:
+        cfg = ModelConfig(**meta["model"])
+    except TypeError as e:
+        raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: 'model' does not fit igpt's ModelConfig ({e})") from None
     folder = model_dir(ckpt, role)
-    load_weights(model, read_model_state(folder), folder, assign=True)
-    if head == "scalar" and role is None:
-        model.value_offset = -float(meta.get("reward_norm", {}).get("mean", 0.0))
+    mean = float(meta.get("reward_norm", {}).get("mean", 0.0)) if role is None else 0.0
+    return WeightsSource(ckpt, "igpt", cfg, model_head(meta, role), meta, folder, mean, meta.get("hf_config"), key)
+
+
+def _hf_precision(config: dict[str, Any]) -> str:
+    return "bf16" if (config.get("dtype") or config.get("torch_dtype")) == "bfloat16" else "fp32"
+
+
+def load_model(path: str, device: str | torch.device = "cpu", role: str | None = None):
+    """``(model, chat format, meta)`` from a checkpoint dir, a run dir (its newest complete checkpoint) or a Hugging
+    Face model folder, whatever strategy and world size wrote it; ``role`` picks a model other than the main one
+    (e.g. ``"critic"``). The model is a plain ``Transformer`` in eval mode on ``device``, built on the meta device and
+    filled tensor by tensor; a reward model gets the normalisation stored with it. The chat format
+    (``igpt.data.chat.ChatFormat``) also answers the ``tokenizers.Tokenizer`` API."""
+    from igpt.model import Transformer
+
+    source = open_source(path, "checkpoint", role)
+    with torch.device("meta"):
+        model = Transformer(source.model, head=source.head)
+    model.to_empty(device="cpu")
+    source.load_into(model)
+    if source.head == "scalar" and role is None:
+        model.value_offset = -source.reward_mean
     model.to(device).eval()
-    return model, load_tokenizer(os.path.join(ckpt, meta.get("tokenizer", "tokenizer.json"))), meta
+    return model, source.chat_format(), source.meta
 
 
 def savable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -267,8 +499,14 @@ def save(
         handle.save(os.path.join(tmp, dirs[role]))
     if strategy.rank == 0:
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-        if tokenizer_path:
+        if tokenizer_path:  # the tokenizer and the files of its chat format (igpt.data.chat.FORMAT_FILES)
+            from igpt.data.chat import FORMAT_FILES
+
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+            for extra in FORMAT_FILES[1:]:
+                src = os.path.join(os.path.dirname(tokenizer_path), extra)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(tmp, extra))
         pause = float(os.environ.get("IGPT_FAULT_CKPT_PAUSE_S", "0") or 0)
         if pause > 0:  # fault injection for tests: a window in which a kill leaves a partial checkpoint
             log.warning("IGPT_FAULT_CKPT_PAUSE_S: pausing %.1fs inside the checkpoint write", pause)

@@ -7,6 +7,7 @@ past that check, so ``validate`` re-checks the composed config against the schem
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,11 @@ from igpt.stages import STAGES
 
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases)."""
+    """A Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention).
+
+    The fields after ``init_std`` describe imported Hugging Face checkpoints (``igpt/hub.py``); their defaults are
+    igpt's own architecture, so configs and checkpoints written before they existed mean what they meant.
+    """
 
     name: str = "tiny"
     vocab_size: int = 4096
@@ -32,6 +37,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    head_dim: int | None = None  # per-head size; None: dim // n_heads (HF: head_dim)
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    # RoPE frequency scaling, Hugging Face's dict: {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} or {"rope_type": "linear", "factor"}; None: plain RoPE
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None  # the checkpoint's attention window; igpt needs it >= max_seq_len
+
+    @property
+    def head_size(self) -> int:
+        """The per-head size: ``head_dim``, or ``dim // n_heads`` when it is not set."""
+        return self.head_dim or self.dim // self.n_heads
 
 
 @dataclass
@@ -137,7 +153,9 @@ class StrategyConfig:
 @dataclass
 class DataConfig:
     dir: str = MISSING  # a directory written by `python -m igpt.data.prepare`
-    num_partitions: int = 8  # canonical partitions: the data order never depends on world size or workers
+    # canonical partitions: the data order never depends on world size or workers. None: the largest divisor of
+    # trainer.global_batch_size up to 8 that the train split can fill (igpt.data.loader.auto_partitions)
+    num_partitions: int | None = None
     num_workers: int = 0  # DataLoader workers per rank
     shuffle: bool = True
     skip_corrupt: bool = False  # skip (count, warn) truncated or corrupt shards instead of failing
@@ -248,6 +266,22 @@ CHOICES = {
 }
 
 
+_CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def model_overrides(model: ModelConfig) -> dict[str, Any]:
+    """The ``model.*`` values set on top of the model group ``model.name`` names (``conf/model/<name>.yaml``): what a
+    user stated explicitly. Empty for a name without a YAML file (nothing to tell apart)."""
+    from dataclasses import asdict
+
+    path = os.path.join(_CONF_DIR, "model", f"{model.name}.yaml")
+    if not os.path.exists(path):
+        return {}
+    group = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+    ours, theirs = asdict(model), asdict(group)
+    return {k: v for k, v in ours.items() if v != theirs[k]}
+
+
 def register() -> None:
     """Register the schemas so conf/*.yaml can name them in their defaults lists."""
     from hydra.core.config_store import ConfigStore
@@ -290,9 +324,10 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     if missing:
         raise ValueError(f"config key {missing[0]!r} must be set (e.g. {missing[0]}=<value> on the command line)")
     m = merged.model
-    if m.n_heads % m.n_kv_heads or m.dim % m.n_heads:
+    if m.n_heads % m.n_kv_heads or (m.head_dim is None and m.dim % m.n_heads):
         raise ValueError(
-            f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and divide dim ({m.dim})"
+            f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and divide dim ({m.dim}) "
+            f"unless model.head_dim is set"
         )
     out = OmegaConf.to_object(merged)
     assert isinstance(out, Config)

@@ -6,9 +6,11 @@
         [system="..."] [batch_size=8]
 
 Each input line is ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}, ...]}``; it is written back with
-``"response"`` added. Checkpoints trained by SFT or a later stage (``meta.json`` "stage" is sft, rm, dpo or ppo) get
-the chat template (``igpt.data.chat.encode_chat`` with the generation prompt); pretraining checkpoints continue raw
-text after the ``<|endoftext|>`` that starts every document.
+``"response"`` added. ``checkpoint=`` is an igpt checkpoint or run dir, or a Hugging Face model folder. Checkpoints
+trained by SFT or a later stage (``meta.json`` "stage" is sft, rm, dpo or ppo) get the chat template of their
+tokenizer (``igpt.data.chat.ChatFormat``, with the generation prompt), as does a Hugging Face folder whose tokenizer
+has one; pretraining checkpoints continue raw text after the document start that begins every training document.
+A missing, truncated or corrupt weights file is an error naming it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ import torch
 
 from igpt.model import Transformer
 from igpt.sampling import (  # noqa: F401 - the public generation API, importable from here as before
-    EOT,
-    IM_END,
-    PAD,
-    STOP_TOKENS,
     Prompt,
     encode_prompt,
     filter_logits,
@@ -42,14 +40,18 @@ log = logging.getLogger("igpt")
 
 # ----------------------------------------------------------------------------------------------------------- loading
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[Transformer, Any, dict[str, Any]]:
-    """``(model, tokenizer, meta)`` from a checkpoint dir or a run dir (``igpt.checkpoint.load_model``)."""
+    """``(model, chat format, meta)`` from a checkpoint dir, a run dir or a Hugging Face model folder
+    (``igpt.checkpoint.load_model``; the chat format also answers the tokenizer API)."""
     from igpt.checkpoint import load_model
 
     return load_model(path, device)
 
 
-def is_chat_checkpoint(meta: dict[str, Any]) -> bool:
-    """True when the checkpoint was trained with the chat template (SFT or a later stage)."""
+def is_chat_checkpoint(meta: dict[str, Any], tokenizer: Any = None) -> bool:
+    """True when the checkpoint was trained with the chat template (SFT or a later stage); for an imported Hugging
+    Face folder (no stage), when its tokenizer has a chat template (an instruct model)."""
+    if meta.get("stage") is None and meta.get("hf_config") is not None:
+        return bool(getattr(tokenizer, "has_template", False))
     return meta.get("stage") in CHAT_STAGES
 
 
@@ -94,10 +96,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_chat(flag: str, meta: dict[str, Any]) -> bool:
+def resolve_chat(flag: str, meta: dict[str, Any], tokenizer: Any = None) -> bool:
     if flag not in ("auto", "true", "false"):
         raise ValueError(f"chat={flag!r}: expected auto, true or false")
-    return is_chat_checkpoint(meta) if flag == "auto" else flag == "true"
+    return is_chat_checkpoint(meta, tokenizer) if flag == "auto" else flag == "true"
 
 
 SAMPLING_SPEC: dict[str, tuple[type, Any]] = {
@@ -167,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args["device"])
         rows = _read_jsonl(args["input"]) if args["input"] is not None else None
         model, tokenizer, meta = load_checkpoint(args["checkpoint"], device)
-        chat = resolve_chat(args["chat"], meta)
+        chat = resolve_chat(args["chat"], meta, tokenizer)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,6 @@ from igpt.eval.scoring import max_seq_len, rolling_windows, score_requests
 
 log = logging.getLogger("igpt")
 
-EOT, IM_END, PAD = "<|endoftext|>", "<|im_end|>", "<|pad|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,7 +61,8 @@ class IgptLM(TemplateLM):
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (default: auto for a checkpoint, the model's own device for
             an in-memory model); dtype: ``float32``, ``bfloat16`` or ``float16`` (default: as loaded, fp32).
         max_length: context window (default: the model's ``max_seq_len``). max_gen_toks: default generation budget.
-        add_bos_token: put ``<|endoftext|>`` before every encoded context (default true, module docstring).
+        add_bos_token: put the document start (``<|endoftext|>``) before every encoded context (default true, module
+            docstring).
     """
 
     backend = "causal"
@@ -97,7 +97,6 @@ class IgptLM(TemplateLM):
             self._device = torch.device(device) if device else next(model.parameters()).device
         model = model.to(self._device)
         self.model = model.to(DTYPES[dtype]) if dtype else model
-        self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         if isinstance(batch_size, str) and not batch_size.isdigit():
             log.warning("igpt lm_eval model: batch_size=%s is not supported; using 8", batch_size)
@@ -107,11 +106,15 @@ class IgptLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token)
         self.seed = int(seed)
-        self._eot = tokenizer.token_to_id(EOT)
-        stops = (tokenizer.token_to_id(t) for t in (IM_END, EOT))
-        self._stop_ids = [i for i in stops if i is not None]
-        pad = tokenizer.token_to_id(PAD)
-        self._pad = 0 if pad is None else pad
+        from igpt.data.chat import ChatFormat
+
+        self.tokenizer = fmt = ChatFormat.of(tokenizer)  # the chat format's special ids (igpt's: <|endoftext|>, ...)
+        start = fmt.doc_start_ids() or [fmt.pad_id]
+        self._prefix, self._prefix_text = start[0], fmt.decode(start, skip_special_tokens=False)
+        eos = fmt.eos_token(chat=False)
+        self._eot = fmt.token_to_id(eos) if eos else self._prefix
+        self._stop_ids = fmt.stop_ids
+        self._pad = fmt.pad_id
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> IgptLM:
@@ -133,7 +136,7 @@ class IgptLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self._eot
+        return self._prefix
 
     @property
     def max_length(self) -> int:
@@ -156,27 +159,30 @@ class IgptLM(TemplateLM):
         return f"igpt:{self.checkpoint or 'model'}"
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        from igpt.export import CHAT_TEMPLATE
-
-        return CHAT_TEMPLATE if chat_template else None
+        return self.tokenizer.jinja_template() if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """igpt's chat format as a string; without the generation prompt the last (assistant) turn stays open."""
-        from igpt.data.chat import render_chat
+        """The chat format as a string; without the generation prompt the last (assistant) turn stays open."""
+        from igpt.data.chat import IM_END
 
+        fmt = self.tokenizer
         if add_generation_prompt or not chat_history or chat_history[-1]["role"] != "assistant":
-            return render_chat(chat_history, add_generation_prompt=add_generation_prompt)
-        return render_chat(chat_history)[: -len(IM_END)]
+            return fmt.render(chat_history, add_generation_prompt=add_generation_prompt)
+        if not fmt.has_template:
+            return fmt.render(chat_history)[: -len(IM_END)]
+        if len(chat_history) == 1:  # nothing before the reply to render a generation prompt after
+            return fmt.render(chat_history)
+        return fmt.render(chat_history[:-1], add_generation_prompt=True) + chat_history[-1]["content"]
 
     # ---- tokens ----------------------------------------------------------------------------------------------------
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs: Any) -> list[int]:
         ids = self.tokenizer.encode(string, add_special_tokens=False).ids
         add = self.add_bos_token if add_special_tokens is None else add_special_tokens
-        if add_special_tokens is None and string.startswith(EOT):
+        if add_special_tokens is None and self._prefix_text and string.startswith(self._prefix_text):
             add = False  # already there (a chat-templated prompt): never twice
         if add:
-            ids = [self._eot, *ids]
+            ids = [self._prefix, *ids]
         if left_truncate_len:
             ids = ids[-left_truncate_len:]
         return ids

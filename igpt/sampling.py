@@ -8,8 +8,9 @@ different lengths are left-padded; padding is masked out of attention and every 
 Sampling: ``temperature=0`` is greedy; otherwise logits are divided by the temperature, filtered by ``top_k`` (keep the
 k largest; 0 = off) and ``top_p`` (nucleus sampling, Holtzman et al. 2019: keep the smallest set of tokens whose
 probability reaches p; 1 = off), and sampled with a ``torch.Generator`` per row seeded with ``seed + row index``, so a
-row's sample does not depend on which other prompts share its batch. A row stops at ``<|im_end|>`` or
-``<|endoftext|>``; the stop token is not part of the response.
+row's sample does not depend on which other prompts share its batch. A row stops at a stop id of the tokenizer's
+chat format (``igpt.data.chat.ChatFormat.stop_ids``: igpt's ``<|im_end|>`` and ``<|endoftext|>``, or a Hugging Face
+tokenizer's end-of-turn tokens); the stop token is not part of the response.
 """
 
 from __future__ import annotations
@@ -24,11 +25,6 @@ import torch
 from igpt.model import KVCache, Transformer
 
 log = logging.getLogger("igpt")
-
-EOT = "<|endoftext|>"
-IM_END = "<|im_end|>"
-PAD = "<|pad|>"
-STOP_TOKENS = (IM_END, EOT)
 
 Prompt = str | list[dict[str, str]]
 
@@ -257,20 +253,12 @@ def sample_rollout(
 
 # ----------------------------------------------------------------------------------------------------------- text API
 def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of one prompt. A message list always gets the chat template (with the generation prompt); a string
-    gets it when ``chat`` (as one user turn after the optional ``system`` turn), else it is raw text after
-    ``<|endoftext|>``."""
-    from igpt.data.chat import encode_chat, encode_document
+    """Token ids of one prompt (``igpt.data.chat.ChatFormat.encode_prompt``). A message list always gets the chat
+    template (with the generation prompt); a string gets it when ``chat`` (as one user turn after the optional
+    ``system`` turn), else it is raw text after the document start (what pretraining saw)."""
+    from igpt.data.chat import ChatFormat
 
-    if isinstance(prompt, str) and not chat:
-        return encode_document(tokenizer, prompt)  # what pretraining saw: <|endoftext|> then the text
-
-    if isinstance(prompt, str):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    else:
-        messages = list(prompt)
-    ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
-    return [int(i) for i in ids]
+    return [int(i) for i in ChatFormat.of(tokenizer).encode_prompt(prompt, chat, system)]
 
 
 def generate(
@@ -287,11 +275,15 @@ def generate(
     batch_size: int = 8,
 ) -> list[str]:
     """Responses (decoded text, special tokens dropped) to ``prompts``: strings, or message lists for the chat
-    template. ``chat=True`` wraps string prompts in the chat template too (use it for SFT and later checkpoints).
-    Prompts run ``batch_size`` at a time; row ``i`` samples with seed ``seed + i`` whatever the batching."""
-    encoded = [encode_prompt(tokenizer, p, chat, system) for p in prompts]
-    stop_ids = [tid for tid in (tokenizer.token_to_id(s) for s in STOP_TOKENS) if tid is not None]
-    pad_id = tokenizer.token_to_id(PAD) or 0
+    template. ``tokenizer`` is a ``ChatFormat`` (``igpt.checkpoint.load_model`` returns one) or a plain tokenizer
+    with igpt's format. ``chat=True`` wraps string prompts in the chat template too (use it for SFT and later
+    checkpoints). Prompts run ``batch_size`` at a time; row ``i`` samples with seed ``seed + i`` whatever the
+    batching."""
+    from igpt.data.chat import ChatFormat
+
+    fmt = ChatFormat.of(tokenizer)
+    encoded = [encode_prompt(fmt, p, chat, system) for p in prompts]
+    stop_ids, pad_id = fmt.stop_ids, fmt.pad_id
     responses: list[str] = []
     for start in range(0, len(encoded), batch_size):
         out = generate_ids(

@@ -2,7 +2,10 @@
 
 One loop serves every stage and strategy. The stage (``igpt/stages/``) declares its models by role; the trainer
 builds them (seeded, from ``init_from`` / ``reference_from`` / ``reward.model`` or fresh) and has the strategy place
-each one, trainable with its optimizer or frozen. An offline step takes the rank's slice of one global batch from the
+each one, trainable with its optimizer or frozen. A source is an igpt checkpoint or a Hugging Face model folder
+(``igpt.checkpoint.WeightsSource``); each model has its source's architecture, the main one's becomes ``cfg.model``
+(explicit ``model.*`` values must agree with it), and its weights are copied in tensor by tensor before the strategy
+wraps the model. An offline step takes the rank's slice of one global batch from the
 loader, splits it into micro-batches, and normalises the summed loss by the stage's count (tokens, comparisons) of the
 *global* batch, so the update equals a single process's for any world size (igpt/parallel/base.py states the gradient
 convention). A stage that makes its own batches (PPO) overrides the step and uses the same pieces.
@@ -107,18 +110,19 @@ class Trainer:
         self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
-        self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))  # the resolved config, for every sink
-        self._check_lengths()
         self.stage = build_stage(cfg)
         self.accum = self.stage.check_batch(self.world_size)
+        # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
+        resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" and self.is_main else None
+        resume_from = self.strategy.broadcast_object(resume_from)
+        self._sources: dict[tuple[str, str], checkpoint.WeightsSource] = {}
         self._setup_data()
+        self._resolve_model(resume_from)
+        self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))  # the resolved config, for every sink
         self._setup_run_dir()
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         # fault injection for tests: rank 0's first micro-batch gets a NaN loss at these steps (comma list)
         self._fault_nan_steps = {int(s) for s in os.environ.get("IGPT_FAULT_NAN_STEPS", "").split(",") if s.strip()}
-        # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
-        resume_from = checkpoint.find_latest(self.run_dir) if cfg.resume == "auto" and self.is_main else None
-        resume_from = self.strategy.broadcast_object(resume_from)
         self.stage.prepare(self)
         self._build_models(resuming=resume_from is not None)
         self.stage.setup(self)
@@ -132,14 +136,83 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, cfg.logger.peak_flops)
         self.stop = _StopFlag()
 
-    def _check_lengths(self) -> None:
-        if self.cfg.trainer.seq_len > self.cfg.model.max_seq_len:
+    def _resolve_model(self, resume_from: str | None) -> None:
+        """Fix ``cfg.model``: the main model's source's architecture when it has one (``init_from``: an igpt
+        checkpoint or a Hugging Face folder; on resume, the checkpoint's), else the config's; with room for every
+        token of the data's tokenizer. Then check the lengths and the vocabulary against it."""
+        from igpt.config import ModelConfig
+
+        cfg = self.cfg
+        main = self.stage.models()[0]
+        saved = checkpoint.read_meta(resume_from) if resume_from is not None and main.trainable else {}
+        if saved.get("model"):  # a resumed run needs nothing from its source: the checkpoint has it all
+            model_cfg = ModelConfig(**saved["model"])
+            self.hf_config = saved.get("hf_config")
+        else:
+            model_cfg = self.model_config(main)
+            if main.init:
+                model_cfg = self._apply_overrides(main, model_cfg)
+            #: the config.json of an imported main model (its original class, kept in every checkpoint for export)
+            self.hf_config = self.weights_source(main).hf_config if main.init else None
+        cfg.model = model_cfg
+        tcfg = cfg.trainer
+        if tcfg.seq_len > model_cfg.max_seq_len:
+            window = (f"; the model's sliding_window is {model_cfg.sliding_window} (config.json key 'sliding_window'): "
+                      f"igpt computes full attention, so sequences must fit in the window"
+                      if model_cfg.sliding_window else "")
             raise ValueError(
-                f"trainer.seq_len ({self.cfg.trainer.seq_len}) exceeds model.max_seq_len ({self.cfg.model.max_seq_len})"
+                f"trainer.seq_len ({tcfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len}){window}"
+            )
+        vocab = self.vocab_size
+        if vocab > model_cfg.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab}, "
+                f"{self.tokenizer_path}); set model.vocab_size={vocab}"
             )
 
+    def _apply_overrides(self, spec, model_cfg):
+        """The source's architecture wins over ``model=``; a ``model.*`` value set explicitly must agree with it, except
+        ``model.max_seq_len`` (the context igpt uses) and a larger ``model.vocab_size`` (more embedding rows)."""
+        from dataclasses import replace
+
+        from igpt.config import model_overrides
+
+        source = self.weights_source(spec)
+        for key, value in model_overrides(self.cfg.model).items():
+            theirs = getattr(model_cfg, key)
+            if key in ("name", "init_std") or value == theirs:
+                continue
+            if key == "max_seq_len" or (key == "vocab_size" and value > theirs):
+                model_cfg = replace(model_cfg, **{key: value})
+                continue
+            raise ValueError(
+                f"{spec.init_key}={spec.init}: model.{key} is {value!r} here but {theirs!r} in {source.path}; the "
+                f"model follows its source, so leave model.{key} unset (or start from a matching checkpoint)"
+            )
+        log.info("model: the architecture of %s=%s (%s)", spec.init_key, spec.init, source.describe())
+        return model_cfg
+
+    def weights_source(self, spec) -> checkpoint.WeightsSource:
+        """The weights source of ``spec`` (``spec.init``: an igpt checkpoint or run dir, or a Hugging Face folder),
+        opened once per run."""
+        key = (spec.init, spec.init_key)
+        if key not in self._sources:
+            self._sources[key] = checkpoint.open_source(spec.init, spec.init_key)
+        return self._sources[key]
+
+    def model_config(self, spec):
+        """The ModelConfig of ``spec``'s model: its source's (vocabulary rows raised to the data tokenizer's size:
+        new rows are added on load), or ``cfg.model`` for a model without a source."""
+        from dataclasses import replace
+
+        if not spec.init:
+            return self.cfg.model
+        cfg = self.weights_source(spec).model
+        return replace(cfg, vocab_size=max(cfg.vocab_size, self.vocab_size))
+
     def _setup_data(self) -> None:
-        from igpt.data.tokenizer import load_tokenizer, token_bytes
+        from igpt.data.chat import ChatFormat
+        from igpt.data.tokenizer import token_bytes, vocab_size
 
         cfg = self.cfg
         index_path = os.path.join(cfg.data.dir, "index.json")
@@ -153,18 +226,12 @@ class Trainer:
                 f"kind={self.index['kind']} (prepare it with python -m igpt.data.prepare kind={self.stage.kind})"
             )
         self.tokenizer_path = os.path.join(cfg.data.dir, "tokenizer.json")
-        self.tokenizer = load_tokenizer(self.tokenizer_path)
-        vocab = self.tokenizer.get_vocab_size()
-        if vocab > cfg.model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab}, "
-                f"{self.tokenizer_path}); set model.vocab_size={vocab}"
-            )
+        #: the data's tokenizer and its chat format (igpt.data.chat.ChatFormat; it answers the Tokenizer API too)
+        self.tokenizer = ChatFormat.load(cfg.data.dir)
+        self.vocab_size = vocab_size(self.tokenizer)
         self.token_bytes = token_bytes(self.tokenizer).to(self.device)
-        from igpt.sampling import PAD, STOP_TOKENS
-
-        self.pad_id = self.tokenizer.token_to_id(PAD) or 0
-        self.stop_ids = [i for i in (self.tokenizer.token_to_id(t) for t in STOP_TOKENS) if i is not None]
+        self.pad_id = self.tokenizer.pad_id
+        self.stop_ids = self.tokenizer.stop_ids
         self.train_loader = self.make_loader("train", loop=True)
         self._tasks = []
         if cfg.trainer.eval_tasks:  # read and checked at start: a bad record names its file and line before training
@@ -182,9 +249,20 @@ class Trainer:
         return ShardLoader(
             data_dir or cfg.data.dir, split, seq_len=tcfg.seq_len, global_batch_size=tcfg.global_batch_size,
             rank=self.rank, world_size=self.world_size, num_workers=cfg.data.num_workers if loop else 0,
-            num_partitions=cfg.data.num_partitions, seed=tcfg.seed, shuffle=cfg.data.shuffle and loop,
+            num_partitions=self.num_partitions(data_dir), seed=tcfg.seed, shuffle=cfg.data.shuffle and loop,
             pack=cfg.stage.pack if pack is None else pack, loop=loop, skip_corrupt=cfg.data.skip_corrupt,
         )
+
+    def num_partitions(self, data_dir: str | None = None) -> int:
+        """``data.num_partitions``, or when unset the largest divisor of the global batch up to 8 that the train split
+        of ``data_dir`` (default ``data.dir``) can fill: a function of the batch size and the data, not the world."""
+        from igpt.data.loader import auto_partitions
+        from igpt.data.partition import read_index
+
+        if self.cfg.data.num_partitions is not None:
+            return self.cfg.data.num_partitions
+        samples = read_index(data_dir or self.cfg.data.dir, "train").samples
+        return auto_partitions(self.cfg.trainer.global_batch_size, samples)
 
     def _setup_run_dir(self) -> None:
         if self.is_main:
@@ -248,55 +326,35 @@ class Trainer:
         attn, loss = self.backends()
         if first:
             torch.manual_seed(self.cfg.trainer.seed)
-            model = self._new_model(spec, attn, loss)
+            model = self._new_model(spec, attn, loss, first=True)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.trainer.seed)
-                model = self._new_model(spec, attn, loss)
+                model = self._new_model(spec, attn, loss, first=False)
         if spec.init and not (spec.trainable and resuming):
             self._load_init(model, spec)
         optim = (spec.optim or self.cfg.optim) if spec.trainable else None
         return self.strategy.wrap_model(model, optim, name=spec.role)
 
-    def _new_model(self, spec, attn: str, loss: str):
-        from igpt.config import ModelConfig
+    def _new_model(self, spec, attn: str, loss: str, first: bool):
         from igpt.model import Transformer
 
-        model_cfg = self.cfg.model
-        if spec.config_from_init:
-            model_cfg = ModelConfig(**checkpoint.read_meta(self._source(spec))["model"])
+        model_cfg = self.cfg.model if first else self.model_config(spec)  # cfg.model: the main model's (resolved)
         return Transformer(model_cfg, attention=attn, loss=loss, head=spec.head)
 
-    def _source(self, spec) -> str:
-        try:
-            return checkpoint.resolve(spec.init)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{spec.init_key}={spec.init}: {e}") from None
-
     def _load_init(self, model: torch.nn.Module, spec) -> None:
-        ckpt = self._source(spec)
-        meta = checkpoint.read_meta(ckpt)
-        if not spec.config_from_init:
-            ours = asdict(self.cfg.model)
-            diff = [k for k in ours if k not in ("name",) and meta["model"].get(k) != ours[k]]
-            if diff:
-                k = diff[0]
-                raise ValueError(
-                    f"{spec.init_key}={spec.init}: model.{k} is {ours[k]!r} here but {meta['model'].get(k)!r} in "
-                    f"{ckpt} (use model={meta['model'].get('name')} or matching overrides)"
-                )
-        source_head = checkpoint.model_head(meta)
-        if spec.head == "lm" and source_head != "lm":
+        """Fill ``model`` from ``spec``'s source, one stored tensor at a time (no second full copy of the weights)."""
+        source = self.weights_source(spec)
+        if spec.head == "lm" and source.head != "lm":
             raise ValueError(
-                f"{spec.init_key}={spec.init}: {ckpt} holds a model with a {source_head} head (a reward model), "
-                f"but the {spec.role} needs a language model (an SFT or pretraining checkpoint)"
+                f"{source.where}: {source.path} holds a model with a {source.head} head (a reward model), "
+                f"but the {spec.role} needs a language model (an SFT, pretraining or causal-LM checkpoint)"
             )
-        kept = checkpoint.load_weights(model, checkpoint.read_model_state(ckpt), ckpt, strict=spec.head == source_head)
-        if spec.head == "scalar" and source_head == "scalar" and not spec.trainable:  # a reward model: normalised
-            model.value_offset = -float(meta.get("reward_norm", {}).get("mean", 0.0))
+        kept = source.load_into(model, strict=spec.head == source.head)
+        if spec.head == "scalar" and source.head == "scalar" and not spec.trainable:  # a reward model: normalised
+            model.value_offset = -source.reward_mean
         how = f", new {spec.head} head" if kept else ""
-        log.info("%s: weights from %s (step %s of stage %s%s)", spec.role, ckpt, meta.get("step"),
-                 meta.get("stage"), how)
+        log.info("%s: weights from %s%s", spec.role, source.describe(), how)
 
     def _resume(self, ckpt: str) -> None:
         meta = checkpoint.read_meta(ckpt)
@@ -428,7 +486,7 @@ class Trainer:
         meta = {
             "stage": self.cfg.stage.name, "model": asdict(self.cfg.model), "strategy": self.cfg.strategy.name,
             "world_size": self.world_size, "tokenizer": "tokenizer.json", "precision": self.cfg.precision,
-            "config": self.config_dict, **self.stage.checkpoint_meta(), **(extra_meta or {}),
+            "config": self.config_dict, **self._hf_meta(), **self.stage.checkpoint_meta(), **(extra_meta or {}),
         }
         path = checkpoint.save(
             self.run_dir, self.step, self.strategy, self.trainable, train_state, meta, self.tokenizer_path,
@@ -436,6 +494,10 @@ class Trainer:
         )
         log.info("checkpoint %s", path)
         return path
+
+    def _hf_meta(self) -> dict[str, Any]:
+        """The ``hf_config`` of an imported main model (its original architecture class, for igpt.export)."""
+        return {"hf_config": self.hf_config} if self.hf_config else {}
 
     def _should_stop(self) -> str | None:
         """All ranks agree to stop when any got a signal or the STOP file exists."""

@@ -134,7 +134,7 @@ def test_alpaca_conversion():
     [
         ('{"messages": [', r"data.jsonl:7: invalid JSON"),
         ("[1, 2]", r"data.jsonl:7: expected a JSON object, got list"),
-        ('{"text": "hi"}', r"data.jsonl:7: expected a 'messages' list or Alpaca keys"),
+        ('{"text": "hi"}', r"data.jsonl:7: expected a 'messages' list, ShareGPT 'conversations'"),
         ('{"instruction": "hi"}', r"data.jsonl:7: missing key 'output'"),
         ('{"instruction": "hi", "output": 3}', r"data.jsonl:7: 'output' must be a string, got int"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', r"data.jsonl:7: messages\[0\]: role str 'robot'"),

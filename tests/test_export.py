@@ -89,18 +89,21 @@ def test_hf_tokenizer_and_chat_template(tmp_path, tokenizer_file):
     assert hf_tok.eos_token_id == 3 and hf_tok.pad_token_id == 1
     text = "The king's crown, the queen's heart!\nO thou noble soul -- 42 times?"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, add_special_tokens=False).ids
-    assert hf_tok(text)["input_ids"] == tok.encode(text, add_special_tokens=False).ids  # no BOS/EOS added
-    assert hf_tok.decode(hf_tok(text)["input_ids"]) == text
+    # every training document starts with <|endoftext|>: so does the exported tokenizer's encoding of a text
+    assert hf_tok(text)["input_ids"] == [0, *tok.encode(text, add_special_tokens=False).ids]
+    assert hf_tok.decode(hf_tok(text)["input_ids"], skip_special_tokens=True) == text
     for gen_prompt, msgs in ((True, MESSAGES), (False, MESSAGES[:3])):
         want = encode_chat(tok, msgs, add_generation_prompt=gen_prompt)[0]
         got = hf_tok.apply_chat_template(msgs, add_generation_prompt=gen_prompt, tokenize=True, return_dict=False)
         assert list(got) == want
     with open(os.path.join(out, "generation_config.json"), encoding="utf-8") as f:
         assert json.load(f)["eos_token_id"] == [3, 0]  # stop at <|im_end|> or <|endoftext|>
+    assert open(os.path.join(out, "chat_template.jinja"), encoding="utf-8").read() == hf_tok.chat_template
 
 
 def test_hf_generate_matches_igpt_greedy(tmp_path, tokenizer_file):
-    from igpt.generate import generate_ids
+    """A base model continues a plain ``tokenizer(prompt)`` in transformers as igpt continues the prompt."""
+    from igpt.generate import generate, generate_ids
 
     model = random_model(True, seed=4)
     with torch.no_grad():
@@ -108,15 +111,44 @@ def test_hf_generate_matches_igpt_greedy(tmp_path, tokenizer_file):
     run = str(tmp_path / "run")
     write_checkpoint(run, model, tokenizer_file, stage="pretrain")
     out = str(tmp_path / "hf")
-    assert export_main([f"checkpoint={run}", f"output={out}"]) == 0
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    prompt = encode_document(load_tokenizer(tokenizer_file), "the king")
+    assert export_main([f"checkpoint={run}", f"output={out}", "dtype=float32", "max_shard_size=40KB"]) == 0
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    assert not os.path.exists(os.path.join(out, "chat_template.jinja"))  # a base model never saw a template
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok = load_tokenizer(tokenizer_file)
+    prompt = encode_document(tok, "the king")
     ours = generate_ids(model, [prompt], max_new_tokens=10, temperature=0.0)[0]
+    inputs = hf_tok("the king", return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == prompt
     with torch.no_grad():
-        theirs = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, min_new_tokens=10
-        )[0, len(prompt) :].tolist()
-    assert ours == theirs
+        theirs = hf.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=None, min_new_tokens=10)
+    assert ours == theirs[0, len(prompt) :].tolist()
+    text = generate(model, tok, ["the king"], max_new_tokens=10, temperature=0.0)[0]
+    assert text == hf_tok.decode(theirs[0, len(prompt) :], skip_special_tokens=True)
+
+
+def test_export_dtype_and_shards(tmp_path, tokenizer_file):
+    from safetensors.torch import load_file
+
+    model = random_model(False, seed=6)
+    run = str(tmp_path / "run")
+    write_checkpoint(run, model, tokenizer_file, stage="pretrain")
+    out = str(tmp_path / "hf")
+    assert export_main([f"checkpoint={run}", f"output={out}", "dtype=bfloat16", "max_shard_size=30KB"]) == 0
+    config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json"), encoding="utf-8"))
+    files = sorted(set(index["weight_map"].values()))
+    shards = {f: load_file(os.path.join(out, f)) for f in files}
+    assert len(files) > 2  # a shard over the limit holds one tensor that alone is larger
+    assert all(len(t) == 1 or sum(v.numel() * 2 for v in t.values()) <= 30_000 for t in shards.values())
+    stored = {k: v for t in shards.values() for k, v in t.items()}
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert torch.equal(stored["model.norm.weight"], model.norm.weight.detach().to(torch.bfloat16))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert next(hf.parameters()).dtype == torch.bfloat16
+    assert export_main([f"checkpoint={run}", f"output={out}", "dtype=fp8"]) == 2
 
 
 def test_export_errors(tmp_path, capsys):

@@ -236,8 +236,33 @@ def test_global_batches_independent_of_ranks_and_workers(text_data):
     ref_loader = make(root)
     ref = take(ref_loader, n)
     assert ref_loader.epoch >= 1, "the test must cross an epoch boundary"
-    for W, K in [(1, 2), (2, 1), (2, 2)]:
+    for W, K in [(1, 2), (2, 1), (2, 2), (4, 4)]:  # 4 x 4: every partition's 2 rows are read by 2 workers
         assert_same(global_batches(root, W, K, n), ref)
+
+
+@pytest.mark.parametrize("P_, GB_", [(1, 4), (3, 6)])
+def test_partitions_shared_by_ranks_give_the_same_batches_and_resume(text_data, P_, GB_):
+    """Fewer partitions than readers, or a count that does not divide the world: a partition at the edge of two
+    ranks' rows is packed by both, each keeping its own rows; the global batches and the resume are unchanged."""
+    root, _ = text_data
+    kw = dict(num_partitions=P_, global_batch_size=GB_)
+    ref = take(make(root, **kw), 12)
+    W = 2
+    assert_same(global_batches(root, W, 1, 12, **kw), ref)
+    loaders = [make(root, rank=r, world_size=W, **kw) for r in range(W)]
+    for ld in loaders:
+        take(ld, 5)
+    merged = ShardLoader.merge_state_dicts([ld.state_dict() for ld in loaders])
+    assert_same(global_batches(root, 1, 1, 7, state=merged, **kw), ref[5:12])
+    assert_same(global_batches(root, W, 1, 7, state=merged, **kw), ref[5:12])
+
+
+def test_auto_partitions():
+    from igpt.data.loader import auto_partitions
+
+    assert auto_partitions(32, 10_000) == 8  # the usual case: 8, as before
+    assert [auto_partitions(g, 10_000) for g in (4, 12, 6, 7, 1)] == [4, 6, 6, 7, 1]
+    assert auto_partitions(32, 5) == 4 and auto_partitions(32, 1) == 1 and auto_partitions(32, 0) == 1
 
 
 @pytest.mark.parametrize("split", ["train", "tiny"])
@@ -318,7 +343,7 @@ def test_state_errors(text_data):
         make(root).load_state_dict(rank0.state_dict())
     with pytest.raises(ValueError, match=r"lacks partitions \[4, 5, 6, 7\]"):
         ShardLoader.merge_state_dicts([rank0.state_dict()])
-    with pytest.raises(ValueError, match="more than one"):
+    with pytest.raises(ValueError, match=r"lacks partitions \[4, 5, 6, 7\]"):  # one rank twice is not two ranks
         ShardLoader.merge_state_dicts([rank0.state_dict(), rank0.state_dict()])
     full = make(root)
     take(full, 2)
@@ -331,8 +356,8 @@ def test_state_errors(text_data):
     "kw, match",
     [
         ({"global_batch_size": 12}, r"global_batch_size=12 is not a multiple of num_partitions=8"),
-        ({"world_size": 3}, r"num_partitions=8 cannot be split evenly over world_size=3 x num_workers=1"),
-        ({"world_size": 4, "num_workers": 4}, r"world_size=4 x num_workers=4 = 16"),
+        ({"world_size": 3}, r"global_batch_size=16 cannot be split evenly over world_size=3 x num_workers=1"),
+        ({"world_size": 4, "num_workers": 8}, r"world_size=4 x num_workers=8 = 32"),
         ({"rank": 2, "world_size": 2}, r"rank=2 is outside world_size=2"),
     ],
 )

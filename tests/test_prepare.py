@@ -472,3 +472,81 @@ def test_strip_gutenberg_option_and_input_lists(tmp_path, tok_path):
     tok = load_tokenizer(tok_path)
     _, samples = _read_split(tmp_path / "o", "train")
     assert sorted(tok.decode(s["ids.bin"].tolist()) for s in samples) == sorted([body, "plain\n"])
+
+
+# ------------------------------------------------------------------------------------------------ other input formats
+def _shards(out):
+    return {k: v for k, v in _tree_bytes(out).items() if k.endswith(".tar")}
+
+
+def _write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def test_parquet_datasets_sharegpt_and_pairs_give_the_jsonl_shards(tmp_path, tok_path):
+    """Each format reads into the shards the equivalent JSONL gives (kind=text from {"text"} records, kind=sft from
+    messages), with text_field / messages_field naming other columns."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    rng = random.Random(4)
+    docs = [_paragraphs(i, rng.randint(1, 30)) for i in range(30)]
+    convs = []
+    for i in range(30):
+        q, a = _paragraphs(100 + i, 1).strip(), _paragraphs(200 + i, 2).strip()
+        convs.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+
+    def run(name, src, kind, **kw):
+        out = tmp_path / "out" / name
+        prepare(str(src), str(out), tok_path, kind=kind, val_fraction=0.2, chunk_bytes=500, shard_tokens=2000,
+                num_workers=1, progress=False, **kw)
+        return _shards(out)
+
+    _write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in docs])
+    want = run("text_jsonl", tmp_path / "text.jsonl", "text")
+    assert len(want) > 2
+    pq.write_table(pa.table({"id": list(range(30)), "body": docs}), tmp_path / "text.parquet", row_group_size=7)
+    assert run("text_parquet", tmp_path / "text.parquet", "text", text_field="body") == want
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "text_ds"))
+    assert run("text_ds", tmp_path / "text_ds", "text") == want
+
+    _write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
+    want = run("chat_jsonl", tmp_path / "chat.jsonl", "sft")
+    pq.write_table(pa.Table.from_pylist([{"dialog": c} for c in convs]), tmp_path / "chat.parquet")
+    assert run("chat_parquet", tmp_path / "chat.parquet", "sft", messages_field="dialog") == want
+    datasets.Dataset.from_list([{"messages": c} for c in convs]).save_to_disk(str(tmp_path / "chat_ds"))
+    assert run("chat_ds", tmp_path / "chat_ds", "sft") == want
+    roles = {"user": "human", "assistant": "gpt"}
+    _write_jsonl(tmp_path / "sharegpt.jsonl",
+                 [{"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in c]} for c in convs])
+    assert run("sharegpt", tmp_path / "sharegpt.jsonl", "sft") == want
+    _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": c[0]["content"], "completion": c[1]["content"]} for c in convs])
+    assert run("pairs", tmp_path / "pairs.jsonl", "sft") == want
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"holds the splits \['train'\] \(a DatasetDict\): name one"):
+        run("dd", tmp_path / "dd", "text")
+    with pytest.raises(ValueError, match=r"text.parquet: no column 'text' \(it has \['id', 'body'\]\)"):
+        run("nocol", tmp_path / "text.parquet", "text")
+    _write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "tool", "value": "x"}]}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: conversations\[0\]: ShareGPT 'from' 'tool'"):
+        run("bad", tmp_path / "bad.jsonl", "sft")
+    (tmp_path / "plain.txt").write_text("x")
+    with pytest.raises(ValueError, match="kind=sft reads records"):
+        run("txt", tmp_path / "plain.txt", "sft")
+
+
+def test_text_files_stream_in_blocks_into_the_same_chunks(tmp_path):
+    from igpt.data.formats import iter_text_chunks, read_text, split_documents
+
+    rng = random.Random(5)
+    pieces = ["a", "b ", "\n", "\n\n", "é", "😀", "<doc>", "\r\n", "    "]
+    for trial in range(60):
+        text = ("\ufeff" if trial % 7 == 0 else "") + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 900)))
+        path = tmp_path / "t.txt"
+        path.write_text(text, encoding="utf-8", newline="")
+        sep, max_chars = rng.choice([None, "\n\n", "<doc>"]), rng.choice([0, 9, 50, 300])
+        want = [c for d in split_documents(read_text(str(path)), sep) for c in chunk_text(d, max_chars)]
+        assert list(iter_text_chunks(str(path), "utf-8", sep, max_chars, block=rng.choice([1, 5, 64]))) == want

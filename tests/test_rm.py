@@ -164,6 +164,11 @@ def test_export_reward_model_matches_transformers(tmp_path, tokenizer_file):
         got = hf(ids).logits[:, 0]
     want = score(model, ids, ids != config["pad_token_id"])
     assert torch.allclose(got, want, atol=1e-4), (got, want)
+    # the exported folder is a reward model igpt reads back (reward.model=<folder>): same scores
+    from igpt.checkpoint import load_model
+
+    back, _, _ = load_model(str(tmp_path / "hf"))
+    assert back.head == "scalar" and torch.allclose(score(back, ids, ids != config["pad_token_id"]), want, atol=1e-5)
 
 
 def test_rm_learns_the_synthetic_preference_and_stores_its_normalisation(prepared_pref_dir, tmp_path):

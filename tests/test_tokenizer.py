@@ -95,16 +95,24 @@ def _user_tokenizer(specials):
     return tok
 
 
-def test_user_tokenizer_lacking_specials_is_rejected(tmp_path):
+def test_user_tokenizer_lacking_specials_gets_igpt_template_tokens(tmp_path):
+    """igpt's special tokens are not required: a tokenizer without a chat template gets the template tokens it lacks,
+    after its vocabulary; documents start with its <|endoftext|>."""
+    from igpt.data.chat import TEMPLATE_TOKENS, ChatFormat
+
     path = tmp_path / "user.json"
     _user_tokenizer(["<|endoftext|>", "<|im_start|>"]).save(str(path))
-    with pytest.raises(ValueError) as err:
-        load_tokenizer(str(path))
-    msg = str(err.value)
-    assert str(path) in msg
-    for missing in ("<|pad|>", "<|im_end|>", "<|system|>", "<|user|>", "<|assistant|>"):
-        assert missing in msg.split("needs all of")[0]
-    assert "<|im_start|>" not in msg.split("needs all of")[0]
+    fmt = ChatFormat.load(str(path))
+    n = vocab_size(fmt.tokenizer)
+    assert fmt.encode_document("hi")[0] == fmt.token_to_id("<|endoftext|>") == 0
+    with pytest.raises(ValueError, match=r"lacks the special tokens <\|im_end\|>, <\|system\|>"):
+        fmt.encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    chat = fmt.with_chat_tokens()
+    assert chat.token_to_id("<|im_start|>") == 1  # kept where it was
+    assert sorted(chat.token_to_id(t) for t in TEMPLATE_TOKENS[1:]) == list(range(n, n + 4))
+    ids, mask = chat.encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert ids[0] == 0 and sum(mask) == len(encode_text(chat, "yo")) + 1
+    assert chat.stop_ids == [chat.token_to_id("<|im_end|>"), 0] and chat.pad_id == 0
 
 
 def test_user_tokenizer_with_specials_elsewhere_works(tmp_path):

@@ -1,14 +1,22 @@
-"""Input formats of igpt's data tools: text files, JSONL records (chat, Alpaca, preference pairs), key=value arguments.
+"""Input formats of igpt's data tools: text files, records (JSONL, parquet, ``datasets`` folders), key=value arguments.
 
 Text decoding policy (used by the tokenizer trainer and ``prepare``): files are decoded with the given codec
 (``utf-8`` by default) in strict mode, so invalid bytes are an error naming the file and byte offset instead of being
 silently replaced; pass ``encoding=latin-1`` (or any Python codec) for legacy files. A leading byte-order mark is
 dropped. Nothing else is changed: no newline or Unicode normalisation, so byte counts and round trips are exact.
 
-Record formats (one JSON object per line, blank lines skipped):
-- chat (kind=sft): ``{"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}``, or Alpaca
-  ``{"instruction", "input", "output"}`` (Stanford Alpaca): user = instruction + ("\\n\\n" + input if input),
-  assistant = output.
+Large text files are read in blocks (``iter_text_chunks``): memory stays bounded whatever the file size, and the
+chunks equal those of reading the whole file.
+
+Records come one JSON object per line (``.jsonl``/``.json``, blank lines skipped), or as rows of a parquet file
+(``.parquet``) or of a Hugging Face ``datasets`` folder written by ``save_to_disk`` (read through the optional
+``pyarrow`` and ``datasets`` packages, one batch of rows at a time: ``iter_records``). Their shapes:
+- text (kind=text, from records): ``{"text": "..."}``, one document per record (``text_field`` names the column).
+- chat (kind=sft): ``{"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}`` (``messages_field``
+  names the column); ShareGPT ``{"conversations": [{"from": "system|human|gpt", "value": "..."}, ...]}``;
+  prompt/completion pairs ``{"prompt": ..., "completion": ...}`` (TRL's format: each a string, or messages); or
+  Alpaca ``{"instruction", "input", "output"}`` (Stanford Alpaca): user = instruction + ("\\n\\n" + input if
+  input), assistant = output.
 - preference (kind=pref): ``{"prompt": "..." | "messages": [...], "chosen": ..., "rejected": ...[, "margin": x]}``
   where chosen and rejected are the assistant reply as a string, or a list of messages continuing the prompt (the
   conversational format of TRL's preference datasets); or K-wise, as InstructGPT's labelers ranked K responses,
@@ -20,6 +28,7 @@ Record formats (one JSON object per line, blank lines skipped):
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -58,10 +67,18 @@ def read_text(path: str, encoding: str = "utf-8") -> str:
         return decode_bytes(f.read(), path, encoding)
 
 
+def is_dataset_dir(path: str) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict of them)."""
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_info.json", "dataset_dict.json")
+    )
+
+
 def expand_inputs(spec: str | Sequence[str]) -> list[str]:
     """Files named by a glob, a comma-separated list of globs/paths, or a list of them; sorted per glob, deduplicated.
+    A ``datasets`` folder (``save_to_disk``) counts as one input.
 
-    ValueError when an item matches nothing or names a directory, so a typo never silently drops data.
+    ValueError when an item matches nothing or names another directory, so a typo never silently drops data.
     """
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
     items = [s for s in items if s]
@@ -72,11 +89,11 @@ def expand_inputs(spec: str | Sequence[str]) -> list[str]:
     for item in items:
         pattern = os.path.expanduser(item)
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if not (glob.has_magic(pattern) and os.path.isdir(m))]
+        matches = [m for m in matches if not (glob.has_magic(pattern) and os.path.isdir(m) and not is_dataset_dir(m))]
         if not matches or not os.path.exists(matches[0]):
             raise ValueError(f"input {item!r}: no files match")
         for m in matches:
-            if os.path.isdir(m):
+            if os.path.isdir(m) and not is_dataset_dir(m):
                 raise ValueError(f"input {item!r} is a directory: name its files with a glob such as '{m}/*.txt'")
             if m not in seen:
                 seen.add(m)
@@ -90,6 +107,21 @@ def split_documents(text: str, separator: str | None) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
+def _next_cut(text: str, start: int, max_chars: int) -> int:
+    """Where the chunk starting at ``start`` ends (``chunk_text``'s rule); reads ``text`` up to the end of a run of
+    newlines after the cut."""
+    n = len(text)
+    lo, hi = start + max_chars // 2, start + max_chars
+    for sep in ("\n\n", "\n", " "):
+        i = text.rfind(sep, lo, hi)
+        if i >= 0:
+            cut = i + len(sep)
+            while cut < n and text[cut] == "\n" and sep != " ":  # keep a run of blank lines together
+                cut += 1
+            return cut
+    return hi
+
+
 def chunk_text(text: str, max_chars: int) -> list[str]:
     """Cut ``text`` into pieces of at most about ``max_chars`` characters whose concatenation is ``text``.
 
@@ -100,22 +132,76 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
         return [text]
     out, start, n = [], 0, len(text)
     while n - start > max_chars:
-        lo, hi = start + max_chars // 2, start + max_chars
-        cut = -1
-        for sep in ("\n\n", "\n", " "):
-            i = text.rfind(sep, lo, hi)
-            if i >= 0:
-                cut = i + len(sep)
-                while cut < n and text[cut] == "\n" and sep != " ":  # keep a run of blank lines together
-                    cut += 1
-                break
-        if cut < 0:
-            cut = hi
+        cut = _next_cut(text, start, max_chars)
         out.append(text[start:cut])
         start = cut
     if start < n:
         out.append(text[start:])
     return out
+
+
+def _decoded_blocks(path: str, encoding: str, block: int) -> Iterator[str]:
+    """A file's text, decoded strictly in blocks of ``block`` bytes (errors name the file and byte offset)."""
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    except LookupError:
+        raise ValueError(
+            f"unknown encoding {encoding!r}: expected a Python codec name such as utf-8 or latin-1"
+        ) from None
+    offset, first = 0, True
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # e.start counts from the bytes the decoder still held
+                bad = e.object[e.start : e.start + 4]
+                raise ValueError(
+                    f"{path}: invalid {encoding} at byte offset {offset - pending + e.start} ({e.reason}, bytes "
+                    f"{bytes(bad)!r}); pass encoding=latin-1 (or the file's real codec) to read it"
+                ) from None
+            offset += len(data)
+            if first and text:
+                text, first = (text[1:] if text.startswith(BOM) else text), False
+            if text:
+                yield text
+            if not data:
+                return
+
+
+def iter_text_chunks(
+    path: str, encoding: str, separator: str | None, max_chars: int, block: int = 1 << 22
+) -> Iterator[str]:
+    """The chunks of a text file's documents, reading it in blocks of ``block`` bytes: the same pieces as
+    ``chunk_text`` over ``split_documents(read_text(path), separator)``, in memory bounded by the block and the chunk
+    size (a document is cut as soon as enough of it has been read to know where)."""
+    sep_len = len(separator) if separator else 0
+    buf, searched, emitted = "", 0, False  # the current document's unread text; how far it was searched; cut yet?
+
+    def finish(doc: str, emitted: bool) -> Iterator[str]:
+        if emitted:
+            yield from (chunk_text(doc, max_chars) if doc else [])
+        elif doc.strip():
+            yield from chunk_text(doc, max_chars)
+
+    for text in _decoded_blocks(path, encoding, block):
+        buf += text
+        while separator:
+            i = buf.find(separator, max(0, searched - sep_len + 1))
+            if i < 0:
+                searched = len(buf)
+                break
+            yield from finish(buf[:i], emitted)
+            buf, searched, emitted = buf[i + sep_len :], 0, False
+        # cut the open document where chunk_text would, while what follows the cut is surely read
+        while max_chars > 0 and len(buf) > max_chars + sep_len and (emitted or buf[:max_chars].strip()):
+            cut = _next_cut(buf, 0, max_chars)
+            if cut >= len(buf) - sep_len:  # the newline run after the cut, or a separator, may go on past the buffer
+                break
+            yield buf[:cut]
+            buf, searched, emitted = buf[cut:], max(0, searched - cut), True
+    yield from finish(buf, emitted)
 
 
 # ------------------------------------------------------------------------------------------------------- JSONL records
@@ -155,10 +241,42 @@ def _require_str(obj: dict[str, Any], key: str, where: str, optional: bool = Fal
     return value
 
 
-def parse_sft_record(obj: dict[str, Any], where: str) -> list[Message]:
-    """A chat record or an Alpaca record -> validated messages with at least one assistant turn."""
-    if "messages" in obj:
-        messages = validate_messages(obj["messages"], f"{where}: messages")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def as_messages(value: Any, where: str) -> list[Message]:
+    """A message list in the OpenAI form (``role``/``content``) or ShareGPT's (``from``/``value``: system, human,
+    gpt), validated."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) and "from" in m for m in value):
+        out = []
+        for i, m in enumerate(value):
+            if m["from"] not in SHAREGPT_ROLES:
+                raise ValueError(
+                    f"{where}[{i}]: ShareGPT 'from' {m['from']!r} is not one of {', '.join(map(repr, SHAREGPT_ROLES))}"
+                )
+            out.append({"role": SHAREGPT_ROLES[m["from"]], "content": m.get("value")})
+        value = out
+    return validate_messages(value, where)
+
+
+def parse_text_record(obj: dict[str, Any], where: str, text_field: str = "text") -> str:
+    """A pretraining record -> its document (the ``text_field`` column)."""
+    if text_field not in obj:
+        raise ValueError(f"{where}: no {text_field!r} field (it has {sorted(obj)}); pass text_field=<the text column>")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {text_field!r} must be a string, got {type(text).__name__}")
+    return text
+
+
+def parse_sft_record(obj: dict[str, Any], where: str, messages_field: str = "messages") -> list[Message]:
+    """A chat, ShareGPT, prompt/completion or Alpaca record -> validated messages with at least one assistant turn."""
+    if messages_field in obj or (messages_field == "messages" and "conversations" in obj):
+        key = messages_field if messages_field in obj else "conversations"
+        messages = as_messages(obj[key], f"{where}: {key}")
+    elif "prompt" in obj and "completion" in obj:
+        prompt = _prompt_messages(obj, where, messages_field)
+        messages = prompt + _response(obj["completion"], "completion", where)
     elif "instruction" in obj or "output" in obj:
         instruction = _require_str(obj, "instruction", where)
         extra = _require_str(obj, "input", where, optional=True)
@@ -167,8 +285,8 @@ def parse_sft_record(obj: dict[str, Any], where: str) -> list[Message]:
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     else:
         raise ValueError(
-            f"{where}: expected a 'messages' list or Alpaca keys 'instruction', 'input', 'output'; "
-            f"got keys {sorted(obj)}"
+            f"{where}: expected a {messages_field!r} list, ShareGPT 'conversations', 'prompt' and 'completion', or "
+            f"Alpaca keys 'instruction', 'input', 'output'; got keys {sorted(obj)}"
         )
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: no assistant message: an SFT record needs a reply to learn")
@@ -179,25 +297,25 @@ def _response(value: Any, key: str, where: str) -> list[Message]:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     if isinstance(value, list):
-        messages = validate_messages(value, f"{where}: {key}")
+        messages = as_messages(value, f"{where}: {key}")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{where}: {key} has no assistant message")
         return messages
     raise ValueError(f"{where}: {key!r} must be a string or a list of messages, got {type(value).__name__}")
 
 
-def _prompt_messages(obj: dict[str, Any], where: str) -> list[Message]:
-    """The prompt of a preference or prompt record: ``"prompt"`` (a string or messages) or ``"messages"``."""
+def _prompt_messages(obj: dict[str, Any], where: str, messages_field: str = "messages") -> list[Message]:
+    """The prompt of a preference or prompt record: ``"prompt"`` (a string or messages) or ``messages_field``."""
     if "prompt" in obj:
         prompt = obj["prompt"]
         if isinstance(prompt, str):
             return [{"role": "user", "content": prompt}]
         if isinstance(prompt, list):
-            return validate_messages(prompt, f"{where}: prompt")
+            return as_messages(prompt, f"{where}: prompt")
         raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-    if "messages" in obj:
-        return validate_messages(obj["messages"], f"{where}: messages")
-    raise ValueError(f"{where}: missing key 'prompt' (or 'messages'); the record needs a prompt")
+    if messages_field in obj:
+        return as_messages(obj[messages_field], f"{where}: {messages_field}")
+    raise ValueError(f"{where}: missing key 'prompt' (or {messages_field!r}); the record needs a prompt")
 
 
 @dataclass
@@ -208,9 +326,9 @@ class PrefRecord:
     margin: float = 0.0  # Bradley-Terry margin of a chosen/rejected pair
 
 
-def parse_pref_record(obj: dict[str, Any], where: str) -> PrefRecord:
+def parse_pref_record(obj: dict[str, Any], where: str, messages_field: str = "messages") -> PrefRecord:
     """A preference record (a chosen/rejected pair, or K ranked responses) -> :class:`PrefRecord`."""
-    prompt = _prompt_messages(obj, where)
+    prompt = _prompt_messages(obj, where, messages_field)
     if "responses" in obj or "ranking" in obj:
         for key in ("responses", "ranking"):
             if not isinstance(obj.get(key), list):
@@ -239,14 +357,78 @@ def parse_pref_record(obj: dict[str, Any], where: str) -> PrefRecord:
     return PrefRecord(prompt, [chosen, rejected], [0, 1], float(margin))
 
 
-def parse_prompt_record(obj: dict[str, Any], where: str) -> list[Message]:
+def parse_prompt_record(obj: dict[str, Any], where: str, messages_field: str = "messages") -> list[Message]:
     """A prompt record -> the messages to sample a response to (they must end with a user turn)."""
-    messages = _prompt_messages(obj, where)
+    messages = _prompt_messages(obj, where, messages_field)
     if messages[-1]["role"] != "user":
         raise ValueError(
             f"{where}: the prompt ends with a {messages[-1]['role']} turn; a prompt for sampling ends with a user turn"
         )
     return messages
+
+
+RECORD_SUFFIXES = (".jsonl", ".json")
+TABLE_ROWS = 1024  # rows per batch read from a parquet file or a datasets folder
+
+
+def input_type(path: str) -> str:
+    """``"jsonl"``, ``"parquet"``, ``"dataset"`` (a ``save_to_disk`` folder) or ``"text"`` (anything else)."""
+    if is_dataset_dir(path):
+        return "dataset"
+    if path.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if path.endswith(RECORD_SUFFIXES) else "text"
+
+
+def iter_records(path: str, encoding: str = "utf-8", columns: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for every record of a JSONL file (the raw line: workers parse it), a parquet file or a
+    ``datasets`` folder (a dict per row; ``columns`` limits what is read), a batch of rows at a time."""
+    kind = input_type(path)
+    if kind == "jsonl":
+        yield from iter_jsonl_lines(path, encoding)
+        return
+    if kind == "text":
+        raise ValueError(f"{path}: expected records (.jsonl, .parquet or a datasets folder), got a text file")
+    if kind == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            table = pq.ParquetFile(path)
+            names = table.schema_arrow.names
+            batches = table.iter_batches(batch_size=TABLE_ROWS, columns=_columns(path, names, columns))
+        except Exception as e:  # pyarrow's ArrowInvalid and friends
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(
+                f"{path}: reading a datasets folder needs the datasets package (pip install datasets)"
+            ) from None
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(
+                f"{path} holds the splits {sorted(ds)} (a DatasetDict): name one, e.g. {path}/{next(iter(ds))}"
+            )
+        names = ds.column_names
+        wanted = _columns(path, names, columns)
+        batches = (b for b in (ds.select_columns(wanted) if wanted else ds).with_format("arrow").iter(TABLE_ROWS))
+    i = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield f"{path}[{i}]", row
+            i += 1
+
+
+def _columns(path: str, names: Sequence[str], wanted: Sequence[str] | None) -> list[str] | None:
+    if wanted is None:
+        return None
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} (it has {list(names)}); pass text_field=<the text column>")
+    return list(wanted)
 
 
 # ------------------------------------------------------------------------------------------------- key=value arguments

@@ -3,7 +3,7 @@
 Each sample of a WebDataset shard written by ``igpt.data.prepare`` holds these members (raw little-endian arrays;
 token fields in the index's dtype, ``*mask.bin`` uint8; docs/internals.md, "Prepared data"):
 
-- ``text``: ``ids.bin``, one document (or chunk) starting with ``<|endoftext|>``.
+- ``text``: ``ids.bin``, one document (or chunk) starting with the tokenizer's document start (``<|endoftext|>``).
 - ``sft``: ``ids.bin`` and ``mask.bin`` (1 on the assistant tokens the loss covers).
 - ``pref``: ``ids.bin`` and ``mask.bin`` of K >= 2 complete sequences (prompt + response) back to back, mask 1 on
   each response; ``lens.bin`` (uint32, K sequence lengths), ``rank.bin`` (int32, K ranks: 0 = best, equal ranks tie)

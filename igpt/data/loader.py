@@ -2,16 +2,22 @@
 
 The data order is fixed on ``num_partitions`` canonical partitions P (``igpt.data.partition``; the idea of MosaicML
 Streaming's canonical nodes): global batch ``b`` holds, for ``p = 0..P-1`` in order, rows ``[b*R, (b+1)*R)`` of
-partition ``p`` with ``R = global_batch_size / P`` (docs/internals.md, "Batches"). Rank ``r`` of ``W`` owns partitions
-``[r*P/W, (r+1)*P/W)`` and DataLoader worker ``k`` of ``K`` owns a contiguous sub-block of those, so concatenating the
-ranks' local batches in rank order gives the same global batches for every ``W`` and ``K``. Combinations that cannot
-be exact (P not a multiple of ``W * K``, ``global_batch_size`` not a multiple of P) are refused with a ValueError.
+partition ``p`` with ``R = global_batch_size / P`` (docs/internals.md, "Batches"). Rank ``r`` of ``W`` reads rows
+``[r*G/W, (r+1)*G/W)`` of every global batch (``G = global_batch_size``) and DataLoader worker ``k`` of ``K`` a
+contiguous sub-range of those, so concatenating the ranks' local batches in rank order gives the same global batches
+for every ``W`` and ``K``. A reader runs the packers of every partition its rows touch; when P is a multiple of
+``W * K`` that is whole partitions of its own, otherwise a partition at the edge of two readers' ranges is packed by
+both and each keeps its rows (packing is cheap next to a training step, and the result is the same). ``G`` must be a
+multiple of P and of ``W * K``; anything else is refused with a ValueError. ``auto_partitions`` picks P when the
+config leaves it unset: the largest divisor of ``G`` up to 8 that the train split can fill (so small data and a
+global batch of, say, 4 or 12 work with default settings; 8 whenever ``G`` is a multiple of 8 and there are 8 samples).
 
 Resume: every partition's position is four integers (``igpt.data.packing``). Each worker sends, with its chunk of a
-global batch, the states of its partitions *after* that chunk; the main process keeps the states of the last batch it
-handed out, so prefetching never leaks into ``state_dict()``. The trainer gathers every rank's ``state_dict()``,
-merges them with ``ShardLoader.merge_state_dicts`` and saves the merge; ``load_state_dict`` at any world size and
-worker count picks this rank's partitions, and the following batches equal those of an uninterrupted run.
+global batch, the states of the partitions it reads *after* that chunk (equal wherever two readers share one); the
+main process keeps the states of the last batch it handed out, so prefetching never leaks into ``state_dict()``.
+The trainer gathers every rank's ``state_dict()``, merges them with ``ShardLoader.merge_state_dicts`` and saves the
+merge; ``load_state_dict`` at any world size and worker count picks this rank's partitions, and the following batches
+equal those of an uninterrupted run.
 
 ``loop=False`` (evaluation) reads every partition once: each partition then emits padding rows (labels -100) until
 all partitions of the rank are done, and the rank stops. Each ``iter()`` of such a loader is a fresh pass (from the
@@ -64,6 +70,21 @@ FLOAT_KEYS = ("margin",)
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def auto_partitions(global_batch_size: int, train_samples: int, most: int = 8) -> int:
+    """The number of canonical partitions when the config leaves it unset: the largest divisor of
+    ``global_batch_size`` that is at most ``most`` and at most the train split's sample count (at least 1). It
+    depends on the run's batch size and data only, never on the world size, so resuming elsewhere keeps the order."""
+    cap = max(1, min(most, train_samples))
+    return max(d for d in _divisors(global_batch_size) if d <= cap)
+
+
+def row_slices(lo: int, hi: int, rows_per_partition: int) -> list[tuple[int, int, int]]:
+    """``(partition, first, end)`` of the rows ``[lo, hi)`` of a global batch: the partitions they touch, in order,
+    and which of each partition's ``rows_per_partition`` rows they hold."""
+    R = rows_per_partition
+    return [(p, max(lo, p * R) - p * R, min(hi, (p + 1) * R) - p * R) for p in range(lo // R, (hi - 1) // R + 1)]
 
 
 def _identity(x: Any) -> Any:
@@ -129,16 +150,18 @@ class _Spec:
 
 
 def _produce(
-    spec: _Spec, partitions: list[int], states: dict[int, dict], worker: int, group: int = 1
+    spec: _Spec, slices: list[tuple[int, int, int]], states: dict[int, dict], worker: int, group: int = 1
 ) -> Iterator[dict]:
-    """Yield this worker's chunks (R rows of each of its partitions) of ``group`` consecutive global batches at a time,
-    each with the states of its partitions after that chunk; with loop=False, a final item without rows when done.
+    """Yield this worker's chunks (its rows of each partition it reads, ``slices`` as ``row_slices`` gives them) of
+    ``group`` consecutive global batches at a time, each with the states of those partitions after that chunk; with
+    loop=False, a final item without rows when done.
 
     A DataLoader worker pays per tensor it sends (a shared-memory segment each, costly in sandboxes), so all the
     chunks of an item travel as one int32 tensor (g, C, rows, S), C = one channel per batch key.
     """
+    partitions = [p for p, _, _ in slices]
     packers = {p: spec.packer(p, states[p]) for p in partitions}
-    rows = len(partitions) * spec.R
+    rows = sum(end - first for _, first, end in slices)
     b = 0
     while True:
         chunks: list[np.ndarray] = []
@@ -149,10 +172,12 @@ def _produce(
                 done = True
                 break
             chunk = np.empty((len(spec.keys), rows, spec.seq_len), dtype=np.int32)  # (C, rows, S)
-            for i, p in enumerate(partitions):
-                part = packers[p].rows(spec.R)
+            row = 0
+            for p, first, end in slices:
+                part = packers[p].rows(spec.R)  # the partition's R rows; this reader keeps [first, end)
                 for c, key in enumerate(spec.keys):
-                    chunk[c, i * spec.R : (i + 1) * spec.R] = part[key]
+                    chunk[c, row : row + end - first] = part[key][first:end]
+                row += end - first
             chunks.append(chunk)
             after.append({p: packers[p].state() for p in partitions})
         if chunks:
@@ -181,27 +206,30 @@ def _batch_dict(out: torch.Tensor, keys: tuple[str, ...]) -> dict[str, torch.Ten
 
 
 class _WorkerDataset(IterableDataset):
-    """The rank's partitions split into contiguous blocks, one per DataLoader worker."""
+    """The rank's rows ``[lo, hi)`` of every global batch split into contiguous ranges, one per DataLoader worker."""
 
-    def __init__(self, spec: _Spec, partitions: list[int], states: dict[int, dict], num_workers: int) -> None:
+    def __init__(self, spec: _Spec, lo: int, hi: int, states: dict[int, dict], num_workers: int) -> None:
         self.spec = spec
-        self.partitions = partitions
+        self.lo, self.hi = lo, hi
         self.states = states
         self.num_workers = num_workers
 
-    def worker_partitions(self, k: int) -> list[int]:
-        n = len(self.partitions) // self.num_workers
-        return self.partitions[k * n : (k + 1) * n]
+    def worker_rows(self, k: int) -> tuple[int, int]:
+        n = (self.hi - self.lo) // self.num_workers
+        return self.lo + k * n, self.lo + (k + 1) * n
+
+    def worker_slices(self, k: int) -> list[tuple[int, int, int]]:
+        return row_slices(*self.worker_rows(k), self.spec.R)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         k = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"expected {self.num_workers} DataLoader workers, got {info.num_workers}")
-        parts = self.worker_partitions(k)
+        lo, hi = self.worker_rows(k)
         # In a worker, send groups of batches of about 1M tokens (see _produce); in-process, one batch at a time.
-        group = 1 if info is None else max(1, min(16, (1 << 20) // (len(parts) * self.spec.R * self.spec.seq_len)))
-        return _produce(self.spec, parts, self.states, k, group)
+        group = 1 if info is None else max(1, min(16, (1 << 20) // ((hi - lo) * self.spec.seq_len)))
+        return _produce(self.spec, self.worker_slices(k), self.states, k, group)
 
 
 class ShardLoader:
@@ -211,10 +239,12 @@ class ShardLoader:
         data_dir: a directory written by ``python -m igpt.data.prepare`` (its index.json gives the kind).
         split: "train" or "val".
         seq_len: tokens per row S (rows are read as S + 1 tokens: inputs and shifted labels).
-        global_batch_size: rows per global batch over all ranks; a multiple of ``num_partitions``.
-        rank, world_size: this process's place; ``num_partitions`` must be a multiple of ``world_size * workers``.
+        global_batch_size: rows per global batch over all ranks; a multiple of ``num_partitions`` and of
+            ``world_size * max(num_workers, 1)``.
+        rank, world_size: this process's place.
         num_workers: DataLoader worker processes for this rank (0: read in this process).
-        num_partitions: canonical partitions P; the data order depends on it and on ``seed`` only.
+        num_partitions: canonical partitions P (``auto_partitions`` picks one); the data order depends on it and
+            on ``seed`` only.
         seed: data-order seed. shuffle: permute shards and samples every epoch (else the index order).
         pack: pack documents/conversations into rows (kind=text, sft); kind=pref always has one pair per row.
         loop: cycle epochs forever (training) or read the split once (evaluation).
@@ -254,12 +284,12 @@ class ShardLoader:
                 f"a multiple of {P} (e.g. {max(P, global_batch_size // P * P)}) or num_partitions in "
                 f"{_divisors(global_batch_size)}"
             )
-        if P % (W * K):
+        if global_batch_size % (W * K):
             raise ValueError(
-                f"num_partitions={P} cannot be split evenly over world_size={W} x num_workers={K} = {W * K} readers: "
-                f"each rank and DataLoader worker must own the same whole number of partitions, or the data order "
-                f"would depend on the world size. Use num_partitions a multiple of {W * K}, or world_size x "
-                f"num_workers in {_divisors(P)}"
+                f"global_batch_size={global_batch_size} cannot be split evenly over world_size={W} x "
+                f"num_workers={K} = {W * K} readers: each rank and DataLoader worker reads the same number of rows "
+                f"of every global batch. Use a global_batch_size that is a multiple of {W * K}, or world_size x "
+                f"num_workers in {_divisors(global_batch_size)}"
             )
         self.index = read_index(data_dir, split)
         if self.index.vocab_size and self.index.vocab_size > 2**31:
@@ -274,8 +304,8 @@ class ShardLoader:
         self.loop, self.skip_corrupt = loop, skip_corrupt
         self.rows_per_partition = global_batch_size // P
         self.local_batch_size = global_batch_size // W
-        per_rank = P // W
-        self.partitions = list(range(rank * per_rank, (rank + 1) * per_rank))
+        self.rows = (rank * self.local_batch_size, (rank + 1) * self.local_batch_size)  # of every global batch
+        self.partitions = [p for p, _, _ in row_slices(*self.rows, self.rows_per_partition)]
         self._initial = {p: {"epoch": 0, "unit": 0, "sample": 0, "offset": 0, "done": False} for p in self.partitions}
         self._states = copy.deepcopy(self._initial)
         self._loaded = False
@@ -304,7 +334,7 @@ class ShardLoader:
             self.index, self.layout, self.seq_len, self.rows_per_partition, self.pack, self.loop, self.skip_corrupt
         )
         K = max(self.num_workers, 1)
-        dataset = _WorkerDataset(spec, self.partitions, start, K)
+        dataset = _WorkerDataset(spec, *self.rows, start, K)
         if self.num_workers == 0:
             items: Iterator[dict] = iter(dataset)
         else:
@@ -365,7 +395,8 @@ class ShardLoader:
                 if w in got:
                     chunk, st = got[w]
                 else:  # this worker's partitions have all run out: padding rows
-                    chunk = dataset.spec.pad_chunk(len(dataset.worker_partitions(w)) * self.rows_per_partition)
+                    lo, hi = dataset.worker_rows(w)
+                    chunk = dataset.spec.pad_chunk(hi - lo)
                     st = finished[w][1]
                 # numpy: a single-threaded copy; torch's threaded copy_ crawls when the CPUs are busy (e.g. workers)
                 out_np[:, row : row + chunk.shape[1]] = chunk.numpy()  # chunk: (C, rows, S)
@@ -425,8 +456,8 @@ class ShardLoader:
                 diff = sorted(k for k in set(head) | set(other) if head.get(k) != other.get(k))
                 raise ValueError(f"loader state {i} differs from state 0 in {diff}: not states of one run")
             for p, ps in s["partitions"].items():
-                if p in merged:
-                    raise ValueError(f"partition {p} appears in more than one loader state (state {i} and before)")
+                if p in merged and merged[p] != ps:  # a partition two ranks share: both must be at the same place
+                    raise ValueError(f"partition {p} has different positions in two loader states (state {i})")
                 merged[p] = dict(ps)
         missing = [p for p in range(head["num_partitions"]) if str(p) not in merged]
         if missing:

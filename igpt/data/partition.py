@@ -35,7 +35,6 @@ import numpy as np
 from igpt.data.kinds import KIND_FIELDS, OTHER_FIELDS
 
 INDEX_VERSION = 1
-DEFAULT_PAD_ID = 1  # `<|pad|>` is id 1 in every igpt tokenizer (docs/internals.md, "Special tokens")
 
 
 class CorruptShardError(RuntimeError):
@@ -75,15 +74,19 @@ class SplitIndex:
         return sum(s.tokens for s in self.shards)
 
 
-def _pad_id_from_tokenizer(path: str) -> int:
-    if not os.path.exists(path):
-        return DEFAULT_PAD_ID
-    with open(path, encoding="utf-8") as f:
-        tok = json.load(f)
-    for added in tok.get("added_tokens", []):
-        if added.get("content") == "<|pad|>":
-            return int(added["id"])
-    raise ValueError(f"{path}: the tokenizer has no <|pad|> token (igpt tokenizers add it as id {DEFAULT_PAD_ID})")
+def _pad_id(index: dict, tok_path: str) -> int:
+    """The id padding rows hold: index.json's ``pad_id`` (prepare writes it), else for data prepared before it did,
+    igpt's ``<|pad|>`` in the tokenizer. Padding is never a target nor attended to by real tokens, so any id is
+    right when neither exists (0)."""
+    if isinstance(index.get("pad_id"), int):
+        return int(index["pad_id"])
+    if os.path.exists(tok_path):
+        with open(tok_path, encoding="utf-8") as f:
+            tok = json.load(f)
+        for added in tok.get("added_tokens", []):
+            if added.get("content") == "<|pad|>":
+                return int(added["id"])
+    return 0
 
 
 def read_index(data_dir: str, split: str) -> SplitIndex:
@@ -122,7 +125,7 @@ def read_index(data_dir: str, split: str) -> SplitIndex:
         kind=kind,
         dtype=np.dtype(index["dtype"]).newbyteorder("<"),
         vocab_size=int(vocab) if vocab else None,
-        pad_id=_pad_id_from_tokenizer(tok_path),
+        pad_id=_pad_id(index, tok_path),
         shards=shards,
     )
 

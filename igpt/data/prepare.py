@@ -1,20 +1,32 @@
 """Tokenize text, chat or preference data into WebDataset shards with an ``index.json`` (docs/internals.md).
 
-    python -m igpt.data.prepare input=<glob or comma list> output_dir=<dir> tokenizer=<file.json>
+    python -m igpt.data.prepare input=<glob or comma list> output_dir=<dir> tokenizer=<tokenizer.json or folder>
         [kind=text|sft|pref|prompt] [val_fraction=0.05] [seq_len=<n>] [shard_tokens=1000000] [num_workers=<n>]
         [encoding=utf-8] [separator=<str>] [strip_gutenberg=false] [chunk_bytes=65536] [seed=1234] [overwrite=false]
+        [text_field=text] [messages_field=messages]
+
+``tokenizer=`` is a ``tokenizer.json`` or a folder holding one (a Hugging Face model folder, another prepared dir):
+a folder brings its chat format too (``igpt.data.chat.ChatFormat``: chat template, special and stop tokens), which is
+written into ``output_dir`` beside ``tokenizer.json`` and used by training, generation and export. For chat kinds, a
+tokenizer without a chat template gets igpt's template tokens added (the training run then adds their embedding rows).
+
+Inputs (``igpt.data.formats``): text files; JSONL records (``.jsonl``/``.json``); parquet files; ``datasets`` folders
+written by ``save_to_disk`` (the optional ``pyarrow`` / ``datasets`` packages read them). For kind=text a record is one
+document (its ``text_field`` column); for the other kinds records are chat, ShareGPT, prompt/completion or Alpaca
+(kind=sft), preference (kind=pref) or prompt (kind=prompt) records, their messages in ``messages_field``.
 
 Samples (one per WebDataset key ``{shard:06d}_{index:08d}``, arrays raw little-endian, uint16 ids when the vocabulary
 fits, else uint32; masks uint8):
-- kind=text: ``ids.bin`` = ``<|endoftext|>`` + the tokens of one document. Each file is a document, or the pieces
+- kind=text: ``ids.bin`` = the document start (``<|endoftext|>`` with igpt's tokenizer, the BOS of one that adds it)
+  + the tokens of one document. Each file (or text record) is a document, or the pieces
   between ``separator`` (command-line escapes such as ``\\n`` are understood). Documents longer than ``chunk_bytes``
   characters are cut after paragraph ends into chunks, each its own sample: shards balance, and the train/val split
   can hold out part of a single large file. A chunk is tokenized on its own, so no token spans a cut.
-- kind=sft: ``ids.bin`` and ``mask.bin`` from ``igpt.data.chat.encode_chat``. With ``seq_len``, conversations longer
+- kind=sft: ``ids.bin`` and ``mask.bin`` from ``ChatFormat.encode_chat``. With ``seq_len``, conversations longer
   than ``seq_len + 1`` tokens keep their start (and are counted in a warning); one left with no assistant token is
   dropped.
 - kind=pref: ``ids.bin`` / ``mask.bin`` with the K sequences (prompt + response; mask 1 on the response's assistant
-  tokens incl. ``<|im_end|>``) back to back, ``lens.bin`` (their lengths), ``rank.bin`` and ``margin.bin``. A pair
+  tokens incl. its end of turn) back to back, ``lens.bin`` (their lengths), ``rank.bin`` and ``margin.bin``. A pair
   is K = 2 with ranks [0, 1]. With ``seq_len`` the K sequences together fit ``seq_len`` tokens (the longest responses
   are cut first, as the loader does; igpt.data.packing.fit_segments).
 - kind=prompt: ``ids.bin`` (the prompt through the generation prompt) and ``record.json`` (the record as given).
@@ -26,8 +38,13 @@ sequence, so the prompt counts K times); for prompt, the prompt's contents.
 The train/val split is a seeded pseudo-random choice of samples (chunks, conversations or pairs) filling
 ``val_fraction`` of the bytes, so val is representative of the whole input; the order of samples in each split is a
 seeded shuffle. The same inputs and options give byte-identical shards (fixed tar metadata), whatever
-``num_workers``. Output is written to a temporary folder beside ``output_dir`` and renamed into place at the end,
-so a failure never leaves a half-written dataset.
+``num_workers``, and the same records give the same shards whether they come as JSONL, parquet or a datasets folder.
+Output is written to a temporary folder beside ``output_dir`` and renamed into place at the end, so a failure never
+leaves a half-written dataset.
+
+Memory stays bounded whatever the input size: inputs stream (text files in blocks, records in batches), a bounded
+number of tasks is in flight, and encoded samples wait in a spool file inside the temporary folder (a few integers per
+sample stay in memory) until the split is chosen and the shards are written (bench/prepare_memory.py measures it).
 """
 
 from __future__ import annotations
@@ -40,6 +57,7 @@ import shutil
 import sys
 import time
 import warnings
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
@@ -47,29 +65,31 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from igpt.data.chat import ENDOFTEXT, encode_chat, encode_texts, special_ids
+from igpt.data.chat import ChatFormat
 from igpt.data.formats import (
     chunk_text,
     expand_inputs,
     fail,
-    iter_jsonl_lines,
+    input_type,
+    iter_records,
+    iter_text_chunks,
     load_record,
     parse_args,
     parse_pref_record,
     parse_prompt_record,
     parse_sft_record,
+    parse_text_record,
     read_text,
     split_documents,
     unescape,
 )
-from igpt.data.kinds import KINDS
-from igpt.data.tokenizer import load_tokenizer, resolve_tokenizer_path, vocab_size
+from igpt.data.kinds import KIND_FIELDS, KINDS
+from igpt.data.tokenizer import vocab_size
 
 TASK_CHARS = 1 << 20  # text per worker task
-TASK_RECORDS = 256  # JSONL lines per worker task
+TASK_RECORDS = 256  # records per worker task
 INDEX_VERSION = 1
 
 # One encoded sample: (arrays by WebDataset field name, token count, UTF-8 bytes, status) where status is
@@ -80,23 +100,45 @@ Sample = tuple[dict[str, bytes], int, int, str]
 class _Encoder:
     """Turns raw inputs into samples; one lives in every worker process (or in the caller when num_workers <= 1)."""
 
-    def __init__(self, tokenizer_json: str, seq_len: int | None, dtype: str) -> None:
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.eot = special_ids(self.tok)[ENDOFTEXT]
+    def __init__(
+        self, fmt_args: tuple, seq_len: int | None, dtype: str, chunk_bytes: int, text_field: str, messages_field: str
+    ) -> None:
+        self.fmt = ChatFormat.from_args(fmt_args)
+        self.tok = self.fmt.tokenizer
+        self.start = self.fmt.doc_start_ids()
         self.seq_len = seq_len
         self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.chunk_bytes, self.text_field, self.messages_field = chunk_bytes, text_field, messages_field
+
+    def run(self, method: str, payload: Any) -> list[Sample]:
+        if method == "text":
+            return self.text(payload)
+        if method == "textrec":
+            return self.text_records(payload)
+        return self.records(method, payload)
 
     def _ids(self, ids: Sequence[int]) -> bytes:
         return np.asarray(ids, dtype=self.dtype).tobytes()
 
     def text(self, chunks: list[str]) -> list[Sample]:
+        from igpt.data.chat import encode_texts
+
         out = []
         for chunk, ids in zip(chunks, encode_texts(self.tok, chunks)):
-            out.append(({"ids.bin": self._ids([self.eot, *ids])}, len(ids) + 1, len(chunk.encode("utf-8")), ""))
+            tokens = [*self.start, *ids]
+            out.append(({"ids.bin": self._ids(tokens)}, len(tokens), len(chunk.encode("utf-8")), ""))
         return out
 
+    def text_records(self, items: list[tuple[str, Any]]) -> list[Sample]:
+        chunks = []
+        for where, rec in items:
+            obj = load_record(rec, where) if isinstance(rec, str) else rec
+            for doc in split_documents(parse_text_record(obj, where, self.text_field), None):
+                chunks += chunk_text(doc, self.chunk_bytes)
+        return self.text(chunks)
+
     def _conversation(self, messages: list[dict[str, str]]) -> tuple[list, list, int, str]:
-        ids, mask = encode_chat(self.tok, messages)
+        ids, mask = self.fmt.encode_chat(messages)
         nbytes = sum(len(m["content"].encode("utf-8")) for m in messages)
         status = ""
         if self.seq_len is not None and len(ids) > self.seq_len + 1:
@@ -105,24 +147,24 @@ class _Encoder:
             status = "truncated" if any(mask) else "dropped"
         return ids, mask, nbytes, status
 
-    def records(self, kind: str, lines: list[tuple[str, str]]) -> list[Sample]:
+    def records(self, kind: str, items: list[tuple[str, Any]]) -> list[Sample]:
         out = []
-        for where, line in lines:
-            obj = load_record(line, where)
+        for where, rec in items:
+            obj = load_record(rec, where) if isinstance(rec, str) else rec
             if kind == "sft":
-                ids, mask, nbytes, status = self._conversation(parse_sft_record(obj, where))
+                ids, mask, nbytes, status = self._conversation(parse_sft_record(obj, where, self.messages_field))
                 arrays = {"ids.bin": self._ids(ids), "mask.bin": bytes(mask)}
                 out.append((arrays, len(ids), nbytes, status))
                 continue
             if kind == "prompt":
                 out.append(self._prompt(obj, where))
             else:
-                out.append(self._pref(parse_pref_record(obj, where)))
+                out.append(self._pref(parse_pref_record(obj, where, self.messages_field)))
         return out
 
     def _prompt(self, obj: dict[str, Any], where: str) -> Sample:
-        messages = parse_prompt_record(obj, where)
-        ids, _ = encode_chat(self.tok, messages, add_generation_prompt=True)
+        messages = parse_prompt_record(obj, where, self.messages_field)
+        ids, _ = self.fmt.encode_chat(messages, add_generation_prompt=True)
         nbytes = sum(len(m["content"].encode("utf-8")) for m in messages)
         record = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         return {"ids.bin": self._ids(ids), "record.json": record}, len(ids), nbytes, ""
@@ -130,10 +172,15 @@ class _Encoder:
     def _pref(self, rec) -> Sample:
         from igpt.data.packing import fit_segments
 
-        prompt_len = len(encode_chat(self.tok, rec.prompt)[0])
-        seqs = []
+        seqs, prompt_len = [], None
         for response in rec.responses:
-            ids, mask = encode_chat(self.tok, rec.prompt + response)
+            ids, mask = self.fmt.encode_chat(rec.prompt + response)
+            # a sequence ends with the response's end of turn (where a reward model reads it, and where a sampled
+            # response stops), not with what a template writes after it (ChatML's newline)
+            end = len(mask) - mask[::-1].index(1) if 1 in mask else len(mask)
+            ids, mask = ids[:end], mask[:end]
+            if prompt_len is None:
+                prompt_len = self.fmt.prompt_length(rec.prompt, ids)
             mask[:prompt_len] = [0] * prompt_len
             seqs.append((ids, mask))
         lens = np.array([len(ids) for ids, _ in seqs], dtype=np.int64)
@@ -169,8 +216,7 @@ def _init_worker(*args: Any) -> None:
 
 def _run_task(task: tuple[str, Any]) -> list[Sample]:
     assert _WORKER is not None
-    method, payload = task
-    return _WORKER.text(payload) if method == "text" else _WORKER.records(method, payload)
+    return _WORKER.run(*task)
 
 
 def _map_ordered(
@@ -181,7 +227,7 @@ def _map_ordered(
     if num_workers <= 1:
         encoder = _Encoder(*init_args)
         for method, payload, size in tasks:
-            yield (encoder.text(payload) if method == "text" else encoder.records(method, payload)), size
+            yield encoder.run(method, payload), size
         return
     with multiprocessing.get_context().Pool(num_workers, initializer=_init_worker, initargs=init_args) as pool:
         pending: deque = deque()
@@ -195,40 +241,96 @@ def _map_ordered(
             yield result.get(), size
 
 
-def _text_tasks(
-    files: Sequence[str], encoding: str, separator: str | None, strip_gutenberg: bool, chunk_bytes: int
-) -> Iterator[tuple[str, list[str], int]]:
+def _text_chunks(path: str, encoding: str, separator: str | None, strip_gutenberg: bool, chunk_bytes: int):
+    if not strip_gutenberg:
+        yield from iter_text_chunks(path, encoding, separator, chunk_bytes)
+        return
     from igpt.data.corpus import strip_gutenberg as strip
 
-    batch: list[str] = []
-    size = 0
-    for path in files:
-        text = read_text(path, encoding)
-        if strip_gutenberg:
-            text = strip(text)
-        for doc in split_documents(text, separator):
-            for chunk in chunk_text(doc, chunk_bytes):
-                batch.append(chunk)
-                size += len(chunk)
-                if size >= TASK_CHARS:
-                    yield "text", batch, size
-                    batch, size = [], 0
-    if batch:
-        yield "text", batch, size
+    for doc in split_documents(strip(read_text(path, encoding)), separator):  # headers need the whole file
+        yield from chunk_text(doc, chunk_bytes)
 
 
-def _record_tasks(kind: str, files: Sequence[str], encoding: str) -> Iterator[tuple[str, list[tuple[str, str]], int]]:
-    batch: list[tuple[str, str]] = []
-    size = 0
+def _tasks(
+    kind: str, files: Sequence[str], encoding: str, separator: str | None, strip_gutenberg: bool, chunk_bytes: int,
+    text_field: str,
+) -> Iterator[tuple[str, list, int]]:
+    """Worker tasks ``(method, payload, input characters)`` over every input, in order, each of bounded size."""
+    batch: list = []
+    size, method = 0, None
     for path in files:
-        for item in iter_jsonl_lines(path, encoding):
+        kind_of_file = input_type(path)
+        if kind == "text" and kind_of_file == "text":
+            items: Iterable = ((chunk, len(chunk)) for chunk in
+                               _text_chunks(path, encoding, separator, strip_gutenberg, chunk_bytes))
+            this, limit = "text", TASK_CHARS
+        else:
+            if kind_of_file == "text":
+                raise ValueError(
+                    f"input {path}: kind={kind} reads records (.jsonl, .parquet or a datasets folder), not a text file"
+                )
+            columns = [text_field] if kind == "text" and kind_of_file != "jsonl" else None
+            items = ((item, len(item[1]) if isinstance(item[1], str) else 0)
+                     for item in iter_records(path, encoding, columns))
+            this, limit = ("textrec" if kind == "text" else kind), TASK_RECORDS
+        if method != this and batch:
+            yield method, batch, size
+            batch, size = [], 0
+        method = this
+        for item, n in items:
             batch.append(item)
-            size += len(item[1])
-            if len(batch) >= TASK_RECORDS:
-                yield kind, batch, size
+            size += n
+            if (size if this == "text" else len(batch)) >= limit:
+                yield method, batch, size
                 batch, size = [], 0
     if batch:
-        yield kind, batch, size
+        yield method, batch, size
+
+
+class _Spool:
+    """Encoded samples in input order in a file: memory holds a few integers per sample, whatever the input size.
+
+    Samples are read back with ``os.pread`` (not a memory map, whose pages would count as the process's memory)."""
+
+    def __init__(self, path: str, fields: Sequence[str]) -> None:
+        self.path, self.fields = path, tuple(fields)
+        self._file = open(path, "wb")
+        self.sizes = array("q")  # per sample, per field
+        self.tokens, self.nbytes = array("q"), array("q")
+        self._fd: int | None = None
+
+    def add(self, arrays: dict[str, bytes], tokens: int, nbytes: int) -> None:
+        for name in self.fields:
+            self._file.write(arrays[name])
+            self.sizes.append(len(arrays[name]))
+        self.tokens.append(tokens)
+        self.nbytes.append(nbytes)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def seal(self) -> None:
+        """Done writing: open the file for reading."""
+        self._file.close()
+        sizes = np.frombuffer(self.sizes, dtype=np.int64).reshape(-1, len(self.fields))  # (n, F)
+        self._ends = np.cumsum(sizes.reshape(-1)).reshape(sizes.shape)  # (n, F): end offset of every field
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def get(self, i: int) -> dict[str, bytes]:
+        assert self._fd is not None
+        out = {}
+        for j, name in enumerate(self.fields):
+            end = int(self._ends[i, j])
+            size = self.sizes[i * len(self.fields) + j]
+            out[name] = os.pread(self._fd, size, end - size)
+        return out
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def choose_val(nbytes: Sequence[int], val_fraction: float, seed: int) -> np.ndarray:
@@ -253,13 +355,14 @@ def choose_val(nbytes: Sequence[int], val_fraction: float, seed: int) -> np.ndar
 
 
 def _write_split(
-    root: str, split: str, samples: list[Sample], order: np.ndarray, shard_tokens: int, progress: bool
+    root: str, split: str, spool: _Spool, order: np.ndarray, shard_tokens: int, progress: bool
 ) -> dict[str, Any]:
     os.makedirs(os.path.join(root, split))
     shards: list[dict[str, Any]] = []
     writer: wds.TarWriter | None = None
     for i in tqdm(order, desc=f"writing {split}", unit="sample", disable=not progress):
-        arrays, tokens, nbytes, _ = samples[i]
+        i = int(i)
+        tokens, nbytes = spool.tokens[i], spool.nbytes[i]
         if writer is None or (shards[-1]["tokens"] > 0 and shards[-1]["tokens"] + tokens > shard_tokens):
             if writer is not None:
                 writer.close()
@@ -268,7 +371,7 @@ def _write_split(
             writer = wds.TarWriter(os.path.join(root, name), encoder=False, user="igpt", group="igpt", mtime=0.0)
             shards.append({"name": name, "samples": 0, "tokens": 0, "bytes": 0})
         shard = shards[-1]
-        writer.write({"__key__": f"{len(shards) - 1:06d}_{shard['samples']:08d}", **arrays})
+        writer.write({"__key__": f"{len(shards) - 1:06d}_{shard['samples']:08d}", **spool.get(i)})
         shard["samples"] += 1
         shard["tokens"] += tokens
         shard["bytes"] += nbytes
@@ -286,6 +389,12 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _input_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
+    return os.path.getsize(path)
+
+
 def prepare(
     input: str | Sequence[str],
     output_dir: str,
@@ -301,6 +410,8 @@ def prepare(
     chunk_bytes: int = 65536,
     seed: int = 1234,
     overwrite: bool = False,
+    text_field: str = "text",
+    messages_field: str = "messages",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize ``input`` into ``output_dir`` (see the module docstring) and return the index written there."""
@@ -316,59 +427,67 @@ def prepare(
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"output_dir {output_dir} exists; pass overwrite=true to replace it")
     files = expand_inputs(input)
-    tok_path = resolve_tokenizer_path(tokenizer)
-    tok = load_tokenizer(tok_path)
-    vocab = vocab_size(tok)
+    fmt = ChatFormat.load(tokenizer)
+    if kind != "text":
+        fmt = fmt.with_chat_tokens()  # igpt's template tokens, for a tokenizer without a template that lacks them
+    vocab = vocab_size(fmt.tokenizer)
     dtype = "uint16" if vocab <= 65536 else "uint32"
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-    init_args = (tok.to_str(), seq_len, dtype)
-
-    if kind == "text":
-        tasks: Iterable = _text_tasks(files, encoding, separator, strip_gutenberg, chunk_bytes)
-    else:
-        tasks = _record_tasks(kind, files, encoding)
-    samples: list[Sample] = []
-    total = sum(os.path.getsize(f) for f in files)
-    results = _map_ordered(tasks, workers, init_args)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=not progress)
-    with bar, closing(results):  # closing: an interrupt here still shuts the worker pool down
-        for result, size in results:
-            samples.extend(result)
-            bar.update(min(size, total - bar.n))
-        bar.update(total - bar.n)
-    truncated = sum(s[3] == "truncated" for s in samples)
-    dropped = sum(s[3] == "dropped" for s in samples)
-    samples = [s for s in samples if s[3] != "dropped"]
-    if truncated or dropped:
-        warnings.warn(
-            f"{truncated + dropped} sequence(s) were longer than seq_len + 1 = {(seq_len or 0) + 1} tokens: "
-            f"{truncated} truncated (start kept), {dropped} dropped because no response token was left to learn",
-            stacklevel=2,
-        )
-    if not samples:
-        raise ValueError(f"input {input!r}: no {'text' if kind == 'text' else 'records'} found in {len(files)} file(s)")
-
-    val = choose_val([s[2] for s in samples], val_fraction, seed)
-    if val_fraction > 0 and not val.any():
-        warnings.warn(f"val_fraction={val_fraction} but only one sample exists: the val split is empty", stacklevel=2)
-    rng = np.random.default_rng(seed + 1)
-    orders = {"train": rng.permutation(np.flatnonzero(~val)), "val": rng.permutation(np.flatnonzero(val))}
+    init_args = (fmt.to_args(), seq_len, dtype, chunk_bytes, text_field, messages_field)
 
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    spool = _Spool(os.path.join(tmp, "spool.bin"), KIND_FIELDS[kind])
     try:
-        os.makedirs(tmp)
+        tasks = _tasks(kind, files, encoding, separator, strip_gutenberg, chunk_bytes, text_field)
+        total = sum(_input_size(f) for f in files)
+        results = _map_ordered(tasks, workers, init_args)
+        truncated = dropped = 0
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=not progress)
+        with bar, closing(results):  # closing: an interrupt here still shuts the worker pool down
+            for result, size in results:
+                for arrays, tokens, nbytes, status in result:
+                    truncated += status == "truncated"
+                    dropped += status == "dropped"
+                    if status != "dropped":
+                        spool.add(arrays, tokens, nbytes)
+                bar.update(min(size, total - bar.n))
+            bar.update(total - bar.n)
+        spool.seal()
+        if truncated or dropped:
+            warnings.warn(
+                f"{truncated + dropped} sequence(s) were longer than seq_len + 1 = {(seq_len or 0) + 1} tokens: "
+                f"{truncated} truncated (start kept), {dropped} dropped because no response token was left to learn",
+                stacklevel=2,
+            )
+        if not len(spool):
+            raise ValueError(
+                f"input {input!r}: no {'text' if kind == 'text' else 'records'} found in {len(files)} file(s)"
+            )
+
+        val = choose_val(spool.nbytes, val_fraction, seed)
+        if val_fraction > 0 and not val.any():
+            warnings.warn(
+                f"val_fraction={val_fraction} but only one sample exists: the val split is empty", stacklevel=2
+            )
+        rng = np.random.default_rng(seed + 1)
+        orders = {"train": rng.permutation(np.flatnonzero(~val)), "val": rng.permutation(np.flatnonzero(val))}
         splits = {
-            name: _write_split(tmp, name, samples, order, shard_tokens, progress) for name, order in orders.items()
+            name: _write_split(tmp, name, spool, order, shard_tokens, progress) for name, order in orders.items()
         }
-        shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.json"))
+        spool.close()
+        os.remove(spool.path)
+        fmt.save(tmp)
+        tok_file = os.path.join(tmp, "tokenizer.json")
         index = {
             "version": INDEX_VERSION,
             "kind": kind,
             "dtype": dtype,
-            "tokenizer": {"path": "tokenizer.json", "sha256": _sha256(tok_path), "vocab_size": vocab},
+            "tokenizer": {"path": "tokenizer.json", "sha256": _sha256(tok_file), "vocab_size": vocab},
+            "pad_id": fmt.pad_id,
             "seq_len": seq_len,
             "splits": splits,
         }
@@ -383,6 +502,7 @@ def prepare(
         else:
             os.replace(tmp, output_dir)
     except BaseException:
+        spool.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return index

@@ -2,7 +2,8 @@
 
 Byte-level BPE as in GPT-2 (Radford et al. 2019): text is mapped to its UTF-8 bytes, pre-split with GPT-2's regex and
 merged with BPE, so any string encodes without unknown tokens and, with no normalizer, decodes back exactly. igpt's
-special tokens (``igpt.data.chat.SPECIAL_TOKENS``) get ids 0..6 in order.
+special tokens (``igpt.data.chat.SPECIAL_TOKENS``) get ids 0..6 in order. Any other Hugging Face ``tokenizer.json``
+loads too (``load_tokenizer``); its chat format is ``igpt.data.chat.ChatFormat``.
 
     python -m igpt.data.tokenizer input=<glob or comma list> vocab_size=<n> output=<file.json>
         [encoding=utf-8] [min_frequency=2] [chunk_bytes=1048576]
@@ -109,23 +110,15 @@ def resolve_tokenizer_path(path: str) -> str:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load igpt's or a user's ``tokenizer.json`` (or a folder holding one) and check igpt's special tokens exist.
+    """Load any Hugging Face ``tokenizer.json`` (or a folder holding one); ValueError naming a malformed file.
 
-    ValueError listing the missing special tokens otherwise; a user's tokenizer may hold them at any ids.
+    Its chat format (template, special and stop tokens) is ``igpt.data.chat.ChatFormat.load(path)``.
     """
     path = resolve_tokenizer_path(path)
     try:
-        tok = Tokenizer.from_file(path)
+        return Tokenizer.from_file(path)
     except Exception as e:  # the Rust side raises plain Exception on malformed files
         raise ValueError(f"{path}: not a Hugging Face tokenizers file ({e})") from None
-    missing = [s for s in SPECIAL_TOKENS if tok.token_to_id(s) is None]
-    if missing:
-        raise ValueError(
-            f"{path}: tokenizer lacks igpt's special tokens {', '.join(missing)} (needs all of "
-            f"{', '.join(SPECIAL_TOKENS)}); add them with tokenizer.add_special_tokens([...]) and save, "
-            f"or train one with python -m igpt.data.tokenizer"
-        )
-    return tok
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:
@@ -142,9 +135,11 @@ def token_bytes(tokenizer: Tokenizer) -> torch.Tensor:
     """
     import torch
 
+    from igpt.data.chat import ChatFormat
+
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     added = tokenizer.get_added_tokens_decoder()
-    special = {i for i, t in added.items() if t.special} | {tokenizer.token_to_id(s) for s in SPECIAL_TOKENS}
+    special = ChatFormat.of(tokenizer).special_id_set
     decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
     byte_level = decoder.get("type") == "ByteLevel"
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())

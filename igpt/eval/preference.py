@@ -78,14 +78,13 @@ def reward_model_scorer(checkpoint: str, device: str = "cpu", batch_size: int = 
     import torch
 
     from igpt.checkpoint import load_model
-    from igpt.data.chat import encode_chat
-    from igpt.sampling import PAD
+    from igpt.data.chat import ChatFormat, encode_chat
     from igpt.stages.rm import score
 
     model, tokenizer, meta = load_model(checkpoint, device)
     if model.head != "scalar":
         raise ValueError(f"judge={checkpoint}: not a reward model (stage {meta.get('stage')!r}, a language-model head)")
-    pad = tokenizer.token_to_id(PAD) or 0
+    pad = ChatFormat.of(tokenizer).pad_id
 
     def messages(prompt: Prompt, completion: str) -> list[dict[str, str]]:
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from igpt.data.chat import ChatFormat
 from igpt.eval import metrics as M
 from igpt.eval.preference import Scorer, pairwise_accuracy, win_rate
 from igpt.eval.scoring import eval_mode, max_seq_len, rolling_windows, score_requests
@@ -34,7 +35,6 @@ from igpt.eval.tasks import Prompt, Task, read_task, record_labels
 
 log = logging.getLogger("igpt")
 
-EOT, IM_END, PAD = "<|endoftext|>", "<|im_end|>", "<|pad|>"
 
 
 # ------------------------------------------------------------------------------------------------------- tokenization
@@ -48,16 +48,17 @@ def answer_pair(
     if chat or not isinstance(prompt, str):
         ctx = encode_prompt(tokenizer, prompt, True, system)
         cont = encode_text(tokenizer, answer)
-        if end_of_answer:
-            cont.append(tokenizer.token_to_id(IM_END))
+        if end_of_answer:  # the reply's end of turn (ChatFormat: <|im_end|> in igpt's template)
+            fmt = ChatFormat.of(tokenizer)
+            cont.append(fmt.token_to_id(fmt.eos_token(chat=True)))
         return ctx, cont
     context, continuation = prompt, " " + answer
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    eot = tokenizer.token_to_id(EOT)
-    ctx = [eot, *encode_text(tokenizer, context)]
-    whole = [eot, *encode_text(tokenizer, context + continuation)]
+    start = ChatFormat.of(tokenizer).doc_start_ids()  # what training documents start with (<|endoftext|>)
+    ctx = [*start, *encode_text(tokenizer, context)]
+    whole = [*start, *encode_text(tokenizer, context + continuation)]
     return ctx, whole[len(ctx) :]
 
 
@@ -71,8 +72,7 @@ def _record_pairs(tokenizer: Any, record: Any, answers: Sequence[str], chat: boo
 
 
 def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.token_to_id(PAD)
-    return 0 if pad is None else pad
+    return ChatFormat.of(tokenizer).pad_id
 
 
 # ------------------------------------------------------------------------------------------------------- kinds
@@ -166,7 +166,7 @@ def eval_text_perplexity(model: torch.nn.Module, tokenizer: Any, task: Task, bat
     tokens = encode_text(tokenizer, text)
     if not tokens:
         raise ValueError(f"task {task.path}: the text is empty")
-    requests = rolling_windows(tokens, tokenizer.token_to_id(EOT), max_seq_len(model))
+    requests = rolling_windows(tokens, (ChatFormat.of(tokenizer).doc_start_ids() or [0])[0], max_seq_len(model))
     scores = score_requests(model, requests, batch_size, _pad_id(tokenizer), progress, f"{task.name}: perplexity")
     nats = -sum(s.logprob for s in scores)
     n = sum(s.tokens for s in scores)

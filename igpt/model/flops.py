@@ -22,7 +22,7 @@ from igpt.config import ModelConfig
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matrix multiply per token: the blocks' projections plus the ``lm_head``."""
-    head_dim = cfg.dim // cfg.n_heads
+    head_dim = cfg.head_size
     attn = cfg.dim * cfg.n_heads * head_dim * 2 + cfg.dim * cfg.n_kv_heads * head_dim * 2  # q, o + k, v
     mlp = 3 * cfg.dim * cfg.ffn_dim  # gate, up, down
     return cfg.n_layers * (attn + mlp) + cfg.vocab_size * cfg.dim

@@ -46,7 +46,7 @@ class KVCache:
         p = next(model.parameters())
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KV cache length {max_len} exceeds the model's max_seq_len ({cfg.max_seq_len})")
-        return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.dim // cfg.n_heads, p.device, p.dtype)
+        return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_size, p.device, p.dtype)
 
     def begin(self, num_new: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Start a forward pass adding ``num_new`` tokens; return its attention mask ``(B, 1, T, length + T)``.

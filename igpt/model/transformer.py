@@ -7,6 +7,11 @@ Architecture (Llama 2/3, Touvron et al. 2023; the layout of Hugging Face's ``Lla
 
 with rotary position embeddings (RoPE, Su et al. 2021) on queries and keys, grouped-query attention (``n_kv_heads``
 key/value heads shared by ``n_heads / n_kv_heads`` query heads each), a SwiGLU MLP (Shazeer 2020) and no biases.
+Imported Hugging Face checkpoints (``igpt/hub.py``) add what Llama 3.x, Qwen2 and Mistral need: a head size other
+than ``dim / n_heads`` (``head_dim``), biases on the q/k/v projections (Qwen2's ``attention_bias``), Llama 3.1's
+RoPE frequency scaling and linear position interpolation (``rope_scaling``, computed as transformers'
+``_compute_llama3_parameters`` / ``_compute_linear_scaling_rope_parameters``). A sliding attention window is accepted
+only when it is at least ``max_seq_len`` long, where it equals full causal attention.
 
 Module and parameter names equal Hugging Face Llama's (``layers.0.self_attn.q_proj.weight`` here is
 ``model.layers.0.self_attn.q_proj.weight`` there; ``lm_head.weight`` is the same), and RoPE uses the same
@@ -26,6 +31,7 @@ from outside (``igpt/parallel/``), per ``Block`` in ``model.layers``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -55,14 +61,51 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """RoPE frequencies ``(D/2,)`` in fp32: ``theta ** (-2i / D)``, then the ``scaling`` of the model, if any.
+
+    ``{"rope_type": "linear", "factor": f}`` divides every frequency by f (position interpolation, Chen et al. 2023);
+    ``"llama3"`` divides only the low frequencies (wavelengths above ``original_max_position_embeddings /
+    low_freq_factor``) by ``factor``, keeps the high ones, and blends between the two (Meta's Llama 3.1 recipe).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"model.rope_scaling: rope_type {kind!r} is not implemented (igpt has {', '.join(ROPE_TYPES)})"
+        )
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
 def rope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    scaling: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``(B, S, D)`` of RoPE angles for ``position_ids`` ``(B, S)``, computed in fp32 then cast.
 
-    Frequencies ``theta ** (-2i / D)`` for i < D/2, repeated over both halves of the head dimension (HF Llama).
+    Frequencies from :func:`rope_inv_freq`, repeated over both halves of the head dimension (HF Llama).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)  # (D/2,)
     angles = position_ids[..., None].float() * inv_freq  # (B, S, D/2)
     emb = torch.cat([angles, angles], dim=-1)  # (B, S, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -83,10 +126,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = cfg.head_size
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(
@@ -161,11 +205,17 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attention: str = "sdpa", loss: str = "torch", head: str = "lm") -> None:
         super().__init__()
-        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads or (cfg.dim // cfg.n_heads) % 2:
+        if (cfg.head_dim is None and cfg.dim % cfg.n_heads) or cfg.n_heads % cfg.n_kv_heads or cfg.head_size % 2:
             raise ValueError(
-                f"model: dim ({cfg.dim}) must split into n_heads ({cfg.n_heads}) heads of even size, and n_heads "
-                f"must be a multiple of n_kv_heads ({cfg.n_kv_heads})"
+                f"model: dim ({cfg.dim}) must split into n_heads ({cfg.n_heads}) heads of even size (or set an even "
+                f"model.head_dim), and n_heads must be a multiple of n_kv_heads ({cfg.n_kv_heads})"
             )
+        if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len:
+            raise ValueError(
+                f"model.sliding_window={cfg.sliding_window} is shorter than model.max_seq_len={cfg.max_seq_len}: igpt "
+                f"implements full causal attention, which equals a sliding window only for sequences that fit in it"
+            )
+        rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)  # an unknown rope_scaling fails here, named
         if head not in HEADS:
             raise ValueError(f"head={head!r}: expected one of {', '.join(HEADS)}")
         self.cfg = cfg
@@ -200,6 +250,8 @@ class Transformer(nn.Module):
         for block in self.layers:
             for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
                 nn.init.normal_(lin.weight, mean=0.0, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
             nn.init.normal_(block.mlp.gate_proj.weight, mean=0.0, std=std)
             nn.init.normal_(block.mlp.up_proj.weight, mean=0.0, std=std)
             nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=out_std)
@@ -254,8 +306,8 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.begin(s, attention_mask)
         x = self.embed_tokens(input_ids)  # (B, S, dim)
-        head_dim = self.cfg.dim // self.cfg.n_heads
-        cos, sin = rope_cos_sin(position_ids, head_dim, self.cfg.rope_theta, x.dtype)  # (B, S, D)
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(position_ids, cfg.head_size, cfg.rope_theta, x.dtype, cfg.rope_scaling)  # (B, S, D)
         for block in self.layers:
             x = block(x, cos, sin, info, self.attention_backend, kv_cache)
         if kv_cache is not None:
@@ -269,4 +321,5 @@ class Transformer(nn.Module):
         return output(self, x)
 
 
-__all__ = ["Attention", "Block", "IGNORE_INDEX", "MLP", "RMSNorm", "Transformer", "apply_rope", "rope_cos_sin"]
+__all__ = ["Attention", "Block", "IGNORE_INDEX", "MLP", "RMSNorm", "Transformer", "apply_rope", "rope_cos_sin",
+           "rope_inv_freq"]

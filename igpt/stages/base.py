@@ -39,13 +39,13 @@ class ModelSpec:
     role: str  # "policy", "reference", "reward", "critic", ...
     trainable: bool
     head: str = "lm"  # "lm" | "scalar"
-    init: str | None = None  # weights: an igpt run or checkpoint dir (None: a fresh model from trainer.seed)
+    # weights and architecture: an igpt run or checkpoint dir, or a Hugging Face model folder (None: a fresh model
+    # of cfg.model from trainer.seed)
+    init: str | None = None
     #: where ``init`` came from, for errors ("init_from", "reference_from", "reward.model")
     init_key: str = "init_from"
     #: for a trainable model: its optimizer settings (default: the config's ``optim``)
     optim: OptimConfig | None = None
-    #: the model config follows the source checkpoint instead of ``model=`` (a reward model of another size)
-    config_from_init: bool = False
 
 
 @dataclass

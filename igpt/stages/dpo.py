@@ -186,13 +186,11 @@ class DPOStage(Stage):
 
     # ---- precomputed reference log-probs ---------------------------------------------------------------------------
     def _cache_key(self) -> dict[str, Any]:
-        from igpt.checkpoint import read_meta, resolve
-
-        source, key = self.reference_source
+        source, _ = self.reference_source
         ref = {"source": None}
         if source:
-            ckpt = resolve(source)
-            ref = {"source": os.path.abspath(ckpt), "step": read_meta(ckpt).get("step")}
+            opened = self.trainer.weights_source(self.reference_spec())
+            ref = {"source": os.path.abspath(opened.path), "step": opened.meta.get("step")}
         with open(os.path.join(self.cfg.data.dir, "index.json"), "rb") as f:
             data = hashlib.sha256(f.read()).hexdigest()
         return {"reference": ref, "seed": self.cfg.trainer.seed if not source else None, "data": data,

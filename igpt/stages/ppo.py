@@ -124,14 +124,14 @@ class PPOStage(Stage):
             optim = OptimConfig(**{**vars(cfg.optim), "lr": cfg.ppo.critic_lr or cfg.optim.lr})
             if cfg.reward.model:
                 specs.append(ModelSpec("critic", trainable=True, head="scalar", init=cfg.reward.model,
-                                       init_key="reward.model", optim=optim, config_from_init=True))
+                                       init_key="reward.model", optim=optim))
             else:
                 specs.append(ModelSpec("critic", trainable=True, head="scalar", init=cfg.init_from, optim=optim))
         ref, key = (cfg.reference_from, "reference_from") if cfg.reference_from else (cfg.init_from, "init_from")
         specs.append(ModelSpec("reference", trainable=False, init=ref, init_key=key))
         if cfg.reward.model:
             specs.append(ModelSpec("reward", trainable=False, head="scalar", init=cfg.reward.model,
-                                   init_key="reward.model", config_from_init=True))
+                                   init_key="reward.model"))
         return specs
 
     def check_batch(self, world_size: int) -> int:
@@ -181,21 +181,15 @@ class PPOStage(Stage):
                 self.records[split] = PromptRecords(cfg.data.dir, split)
 
     def _check_reward_tokenizer(self, trainer) -> None:
-        import os
+        from igpt.checkpoint import open_source
 
-        from igpt.checkpoint import read_meta, resolve
-
-        try:
-            ckpt = resolve(self.cfg.reward.model)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"reward.model={self.cfg.reward.model}: {e}") from None
-        path = os.path.join(ckpt, read_meta(ckpt).get("tokenizer", "tokenizer.json"))
-        with open(path, encoding="utf-8") as a, open(trainer.tokenizer_path, encoding="utf-8") as b:
-            if a.read() != b.read():
-                raise ValueError(
-                    f"reward.model={self.cfg.reward.model}: its tokenizer ({path}) differs from the prompt data's "
-                    f"({trainer.tokenizer_path}); the reward model must read the policy's tokens"
-                )
+        source = open_source(self.cfg.reward.model, "reward.model")
+        theirs = source.chat_format()
+        if theirs.get_vocab(with_added_tokens=True) != trainer.tokenizer.get_vocab(with_added_tokens=True):
+            raise ValueError(
+                f"reward.model={self.cfg.reward.model}: its tokenizer ({source.tokenizer_dir}) differs from the prompt "
+                f"data's ({trainer.tokenizer_path}); the reward model must read the policy's tokens"
+            )
 
     # ---- rollout pieces --------------------------------------------------------------------------------------------
     def _prompts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

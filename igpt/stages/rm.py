@@ -2,7 +2,8 @@
 
 The model is the SFT model's body with the language-model head replaced by a scalar head ``score`` (dim -> 1, no
 bias; initialised N(0, 1/(dim + 1)), Stiennon et al. 2020), read at the last token of each response: the
-``<|im_end|>`` that closes the assistant turn, or the last kept token of a response cut to fit ``trainer.seq_len``.
+end-of-turn token that closes the assistant turn (``<|im_end|>`` in igpt's template), or the last kept token of a
+response cut to fit ``trainer.seq_len``.
 For a preferred response ``w`` and a less preferred ``l`` of the same prompt the loss is
 
     -log sigmoid(r(x, w) - r(x, l) - margin)

@@ -86,15 +86,22 @@ done
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Preemption: Slurm signals this shell (#SBATCH --signal=B:USR1@<s> before the time limit, SIGTERM on preemption or
-# scancel). The trap asks the run to stop by creating <run_dir>/STOP: every rank finishes its optimizer step, saves a
+# scancel; a cancelled job checkpoints but is not requeued). The trap asks the run to stop by creating <run_dir>/STOP: every rank finishes its optimizer step, saves a
 # checkpoint, rank 0 writes <run_dir>/preempted, and torchrun exits 0. A file is used rather than forwarding the
 # signal because torchrun dies on a raw SIGUSR1, and on SIGTERM it gives its workers only a fixed grace period before
 # SIGKILL, which a large checkpoint may not fit in.
 preempt_signal=""
+cancelled=""
+job_state() { scontrol show job -o "${SLURM_JOB_ID}" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
 on_signal() {
     preempt_signal="$1"
     log "received SIG$1: asking the run to checkpoint and stop (touch $run_dir/STOP)"
     touch "$run_dir/STOP"
+    # A plain `scancel` sends SIGTERM too, but the job is already ending (COMPLETING or CANCELLED; a preempted job or
+    # `scancel --signal` still shows RUNNING): checkpoint and stop, never requeue a job the user cancelled.
+    case "$(job_state)" in
+        CANCELLED|COMPLETING) cancelled=1 ;;
+    esac
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
@@ -130,6 +137,12 @@ while :; do
 done
 trap - USR1 TERM INT
 
+if [ -f "$run_dir/preempted" ] && [ -n "$cancelled" ]; then
+    log "run stopped early ($(cat "$run_dir/preempted")); job ${SLURM_JOB_ID} was cancelled, so it is not requeued" \
+        "(submit the same command to resume from the checkpoint)"
+    rm -f "$run_dir/STOP"
+    exit 0
+fi
 if [ -f "$run_dir/preempted" ]; then
     log "run stopped early ($(cat "$run_dir/preempted")); requeueing job ${SLURM_JOB_ID}"
     rm -f "$run_dir/STOP"

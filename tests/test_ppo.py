@@ -159,9 +159,13 @@ def test_first_minibatch_ratio_is_one(prepared_prompt_dir, tmp_path, monkeypatch
     finally:
         trainer.close()
     assert len(seen) == 4  # 2 minibatches x 2 micro-batches
-    for first in seen[:2]:  # the first minibatch: the weights have not moved yet
-        assert torch.all(first.ratio == 1.0) and not first.clipped.any()
-    assert any((s.ratio != 1.0).any() for s in seen[2:])  # after the first optimizer step they have
+    # The first minibatch: the weights have not moved yet, so the ratio is 1 up to fp32 rounding. Not bit-exact: the
+    # old log-probs come from contiguous rows, a minibatch takes every m-th row, and CPU sdpa blocks its work by the
+    # batch's shape (measured: 0 and 4.8e-7).
+    for first in seen[:2]:
+        assert (first.ratio - 1).abs().max() < 2e-6 and not first.clipped.any()
+    # after the first optimizer step they have moved, far beyond that rounding (measured: 0.05)
+    assert max((s.ratio - 1).abs().max().item() for s in seen[2:]) > 1e-3
     assert out["rollout/logprob_gap"] < 1e-5
 
 

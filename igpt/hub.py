@@ -64,16 +64,20 @@ def is_model_folder(path: str) -> bool:
     )
 
 
-def read_config(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, CONFIG)
+def read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError naming the file when it is unreadable, not JSON or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+            out = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable config.json ({e})") from None
-    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(out, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    return config
+    return out
+
+
+def read_config(folder: str) -> dict[str, Any]:
+    return read_json_object(os.path.join(folder, CONFIG))
 
 
 def architecture(config: dict[str, Any], where: str) -> str:

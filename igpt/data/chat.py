@@ -75,14 +75,16 @@ ROLE_TOKENS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSI
 Message = dict[str, str]
 
 
-def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """Map every special token of igpt's template to its id in ``tokenizer``; ValueError naming any that are missing."""
-    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+def special_ids(tokenizer: Tokenizer, tokens: tuple[str, ...] = SPECIAL_TOKENS,
+                how: str = "add them with tokenizer.add_special_tokens([...]) and save it") -> dict[str, int]:
+    """Map each of ``tokens`` (default: every special token of igpt's template) to its id in ``tokenizer``;
+    ValueError naming any that are missing and ``how`` to add them."""
+    ids = {tok: tokenizer.token_to_id(tok) for tok in tokens}
     missing = [tok for tok, i in ids.items() if i is None]
     if missing:
         raise ValueError(
             f"tokenizer lacks the special tokens {', '.join(missing)}; igpt's chat template needs all of "
-            f"{', '.join(SPECIAL_TOKENS)} (add them with tokenizer.add_special_tokens([...]) and save it)"
+            f"{', '.join(tokens)} ({how})"
         )
     return ids  # type: ignore[return-value]
 
@@ -156,14 +158,7 @@ def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False
 
 def _template_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """The ids of igpt's template tokens; ValueError naming any the tokenizer lacks."""
-    ids = {tok: tokenizer.token_to_id(tok) for tok in TEMPLATE_TOKENS}
-    missing = [tok for tok, i in ids.items() if i is None]
-    if missing:
-        raise ValueError(
-            f"tokenizer lacks the special tokens {', '.join(missing)}; igpt's chat template needs all of "
-            f"{', '.join(TEMPLATE_TOKENS)} (ChatFormat.with_chat_tokens() adds them)"
-        )
-    return ids  # type: ignore[return-value]
+    return special_ids(tokenizer, TEMPLATE_TOKENS, "ChatFormat.with_chat_tokens() adds them")
 
 
 def encode_chat(
@@ -293,16 +288,10 @@ def _token_str(value: Any) -> str | None:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            out = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return out
+    """The JSON object in ``path``, {} when there is no such file."""
+    from igpt.hub import read_json_object
+
+    return read_json_object(path) if os.path.exists(path) else {}
 
 
 class ChatFormat:

@@ -292,6 +292,9 @@ class Trainer:
         precision or DeepSpeed's bf16 all show there), once, for the log and the first train record."""
         self.compute_dtype: str | None = None
         module = next(iter(self.trainable.values())).module
+        # the main model's parameter count, each shared (tied) matrix once, whole even when sharded (FSDP's DTensor
+        # numel is global; a ZeRO-3 parameter keeps its full size in ds_numel)
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in module.parameters()}.values())
         first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
 
         def hook(mod, args, out) -> None:
@@ -578,6 +581,7 @@ class Trainer:
     def _train_record(self, out: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
         if self.compute_dtype is not None and not getattr(self, "_dtype_logged", False):
             out["compute_dtype"] = self.compute_dtype  # in the first record after a start or a resume
+            out["params"] = self.n_params
             self._dtype_logged = True
         if self.cfg.data.skip_corrupt:  # corrupt shards skipped so far, all ranks (collective: every rank is here)
             out["skipped_shards"] = int(self.global_sum([self.train_loader.stats["skipped_shards"]])[0])

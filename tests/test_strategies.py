@@ -259,3 +259,8 @@ def test_tied_embeddings_two_ranks_match_one_process(runs):
     ref, run_dir = runs("single", "fp32", tied), runs("zero3", "fp32", tied)
     assert_same_run(run_dir, ref, range(1, STEPS + 1), TOL)
     assert "lm_head.weight" not in read_model_state(ckpt(run_dir, STEPS))  # stored once
+    # and really one matrix in both runs: the vocabulary x dim output matrix is counted once
+    untied = read_metrics(runs("single"))[1]["params"]
+    cfg = read_meta(ckpt(run_dir, STEPS))["model"]
+    for run in (ref, run_dir):
+        assert read_metrics(run)[1]["params"] == untied - cfg["vocab_size"] * cfg["dim"], run

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -289,7 +288,6 @@ def test_bad_reward_functions_and_missing_inputs_fail_clearly(prepared_prompt_di
         with pytest.raises(exc, match=msg):
             make_trainer(args)
     assert not os.path.exists(os.path.join(tmp_path, "bad", "metrics.jsonl"))
-    assert sys.modules  # the imports above ran in this process
 
 
 def test_rollouts_gather_fsdp_weights_once_not_per_token():

@@ -199,6 +199,34 @@ def _dcp_load(state: dict[str, torch.Tensor], reader, dcp_dir: str) -> None:
         raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
 
 
+def _dcp_load_rows(reader, dcp_dir: str, name: str, md, rows: tuple[int, int]) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of tensor ``name`` of a DCP folder, read without a process group: only the stored chunks
+    (a writing rank's shards) that overlap them are read, and only what overlaps is copied."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    r0, r1 = rows
+    size = tuple(md.size)
+    out = torch.empty((r1 - r0, *size[1:]), dtype=md.properties.dtype)
+
+    class RowsPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            chunk = ChunkStorageMetadata(offsets=torch.Size([r0] + [0] * (len(size) - 1)), sizes=out.shape)
+            return LoadPlan(create_read_items_for_chunk_list(name, md, [chunk]))
+
+        def lookup_tensor(self, index) -> torch.Tensor:
+            return out
+
+    try:
+        dcp.load({name: out}, storage_reader=reader, planner=RowsPlanner(), no_dist=True)
+    except Exception as e:
+        raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
+    return out
+
+
 def load_weights(
     model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False, strict: bool = True
 ) -> list[str]:
@@ -329,9 +357,9 @@ class WeightsSource:
                         continue
                     shape = tuple(f.get_slice(name).get_shape())
 
-                    def read(out=None, f=f, name=name, path=path):
+                    def read(out=None, rows=None, f=f, name=name, path=path):
                         try:
-                            t = f.get_tensor(name)
+                            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
                         except Exception as e:
                             raise _safetensors_error(path, e) from None
                         return t if out is None else out.copy_(t)
@@ -343,7 +371,9 @@ class WeightsSource:
         reader, md = _dcp_metadata(dcp_dir)
         for name, v in md.items():
 
-            def read(out=None, name=name, v=v):
+            def read(out=None, rows=None, name=name, v=v):
+                if rows is not None:
+                    return _dcp_load_rows(reader, dcp_dir, name, v, rows)
                 if out is None or tuple(out.shape) != tuple(v.size) or out.dtype != v.properties.dtype:
                     t = torch.empty(v.size, dtype=v.properties.dtype)
                     _dcp_load({name: t}, reader, dcp_dir)
@@ -354,46 +384,61 @@ class WeightsSource:
             yield name, tuple(v.size), read
 
     @torch.no_grad()
-    def load_into(self, model: torch.nn.Module, strict: bool = True) -> list[str]:
+    def load_into(self, model: torch.nn.Module, strict: bool = True, shards: dict | None = None) -> list[str]:
         """Copy the weights into ``model`` (a plain ``Transformer``) tensor by tensor; return its keys left as they
         were (a new head). ``strict=False`` lets the output head differ (an LM body into a reward model or critic).
+
+        ``shards`` (plain name -> ``igpt.parallel.init.Shard``, what a sharded strategy holds on this rank): only the
+        rows of each stored tensor that cover the rank's part are read (safetensors slices, DCP row reads) and
+        copied in, so no rank holds more than its shards and a few rows. Without it every parameter is filled whole.
 
         A model with more vocabulary rows than stored (tokens added to the tokenizer) keeps the stored rows and
         starts the new ones at the mean of the stored ones (the resize rule of Hewitt 2021, as in transformers).
         """
-        params = dict(model.state_dict(keep_vars=True))
+        from igpt.parallel.init import full_shards
+
         tied = getattr(model, "tied", False)
+        targets = shards if shards is not None else full_shards(model)
         heads = {"lm_head.weight", "score.weight"}
         loaded: set[str] = set()
         unexpected: list[str] = []
         for name, shape, read in self._entries():
             if tied and name == "lm_head.weight":
                 continue  # the stored copy of a tied matrix; the model's is embed_tokens.weight
-            target = params.get(name)
+            target = targets.get(name)
             if target is None:
                 if strict or name not in heads:
                     unexpected.append(name)
                 continue
             want = tuple(target.shape)
-            if shape == want:
-                read(target.data)
+            if target.hi <= target.lo:
+                pass  # this rank holds nothing of it (FSDP's last ranks for a short first dimension)
+            elif shape == want:
+                if target.lo == 0 and target.hi == target.numel:
+                    read(target.local.view(want))
+                else:
+                    r0, r1 = target.rows()
+                    target.write_rows(r0, read(rows=(r0, r1)))
             elif name in VOCAB_ROWS and len(shape) == 2 and shape[1] == want[1] and shape[0] < want[0]:
-                stored = read()
-                target.data[: shape[0]].copy_(stored)
-                target.data[shape[0] :].copy_(stored.float().mean(0).to(target.dtype))
+                stored = read()  # the mean needs every stored row: one full tensor, once
+                mean = stored.float().mean(0).to(stored.dtype)
+                r0, r1 = target.rows()
+                rows = torch.cat([stored[r0 : min(r1, shape[0])], mean.expand(max(0, r1 - max(r0, shape[0])), -1)])
+                target.write_rows(r0, rows)
+                del stored
                 log.info("%s: %s has %d rows for %d tokens: the %d new rows start at the mean row", self.where,
                          name, shape[0], want[0], want[0] - shape[0])
             else:
                 raise ValueError(f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
                                  f"expects {list(want)}")
             loaded.add(name)
-        missing = sorted(k for k in params if k not in loaded and not (tied and k == "lm_head.weight"))
+        missing = sorted(k for k in targets if k not in loaded)
         bad = missing if strict else [k for k in missing if k not in heads]
         if bad or unexpected:
             raise ValueError(
                 f"{self.where}: weights do not match the model: missing {bad}, unexpected {sorted(unexpected)}"
             )
-        if tied:
+        if tied and shards is None:
             model.lm_head.weight = model.embed_tokens.weight
         return missing
 

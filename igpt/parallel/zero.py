@@ -49,6 +49,7 @@ from torch import nn
 from igpt.config import OptimConfig, StrategyConfig
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
 from igpt.parallel.fsdp import init_single_process_group
+from igpt.parallel.init import ModelInit, Shard, on_meta, plain_name, to_empty
 
 log = logging.getLogger("igpt")
 
@@ -235,13 +236,26 @@ class ZeroStrategy(Strategy):
         init_single_process_group(device)
 
     # ---- setup -----------------------------------------------------------------------------------------------
-    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
+    def wrap_model(
+        self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy",
+        init: ModelInit | None = None,
+    ) -> Wrapped:
+        """Place ``model`` in a DeepSpeed engine. A model built on the meta device is filled by ``init``: whole under
+        ZeRO-1/2 (they keep full parameters), under ZeRO-3 only this rank's partitions (``_partition``)."""
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
         trainable = optim_cfg is not None
-        model = self.prepare_model(model.to(self.device), trainable=trainable)
+        config = deepspeed_config(self.cfg, self.precision, self.world_size, self.device)
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))  # DeepSpeed asserts it; unset without torchrun
+        if self.stage == 3 and on_meta(model):
+            if init is None:
+                raise ValueError(f"model {name!r} is on the meta device: wrap_model needs its ModelInit to fill it")
+            model = self.prepare_model(model, trainable=trainable)
+            self._partition(model, init, name, config)
+        else:
+            model = self.prepare_model(self.materialize(model, init, name), trainable=trainable)
         if not trainable and self.stage < 3:
             # ZeRO-1/2 never partition parameters: a replica in the engines' compute dtype computes what they do
             model.requires_grad_(False)
@@ -251,8 +265,6 @@ class ZeroStrategy(Strategy):
         if self.stage == 3 and getattr(model, "lm_head", None) is not None:
             # the fused loss reads lm_head.weight outside lm_head.forward: gather it for the root's forward/backward
             deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
-        config = deepspeed_config(self.cfg, self.precision, self.world_size, self.device)
-        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))  # DeepSpeed asserts it; unset without torchrun
         if trainable:
             engine, optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=build_adamw(model, optim_cfg), config=config, dist_init_required=False
@@ -263,6 +275,26 @@ class ZeroStrategy(Strategy):
         log.info("%s: DeepSpeed ZeRO-%d %s model %r over %d ranks, config %s", self.name, self.stage,
                  "trainable" if trainable else "frozen", name, self.world_size, config)
         return ZeroWrapped(self, name, engine, optimizer)
+
+    def _partition(self, model: nn.Module, init: ModelInit, name: str, config: dict[str, Any]) -> None:
+        """ZeRO-3 partitioning of a meta model before the engine exists: every parameter gets uninitialised memory
+        (``to_empty``: address space, not resident until written), ``deepspeed.zero.Init(module=...)`` converts the
+        parameters one by one into this rank's partition (``ds_tensor``) and frees each full tensor, then ``init``
+        fills the partitions. The engine then finds the parameters already partitioned, as under ``zero.Init``."""
+        import deepspeed
+
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the engine's dtype for ZeRO-Init
+        model.to(dtype)  # on meta: nothing allocated
+        to_empty(model, self.device)
+        deepspeed.comm.init_distributed(dist_init_required=False)  # what deepspeed.initialize would do first
+        deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=dtype)
+        shards: dict[str, Shard] = {}
+        for pname, p in model.named_parameters():
+            part = p.ds_tensor.ds_numel
+            lo = min(p.ds_numel, self.rank * part)
+            hi = min(p.ds_numel, lo + part)
+            shards[plain_name(pname)] = Shard(tuple(p.ds_shape), lo, hi, p.ds_tensor.data.view(-1)[: hi - lo])
+        init.apply(shards, self.progress_desc(name))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """A no-op: DeepSpeed's bf16 mode already computes in bf16 with fp32 master weights."""

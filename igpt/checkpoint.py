@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -504,6 +505,49 @@ def load_model(path: str, device: str | torch.device = "cpu", role: str | None =
         model.value_offset = -source.reward_mean
     model.to(device).eval()
     return model, source.chat_format(), source.meta
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+class SafetensorsWriter:
+    """A safetensors file written one tensor at a time: the header (names, dtypes, shapes, offsets) comes first from
+    ``entries`` known in advance, then each tensor's bytes as :meth:`write` gets it, in the order of ``entries``. The
+    writer never holds more than the tensor it is given (``safetensors.torch.save_file`` needs all of them at once).
+    The result is an ordinary safetensors file (``safe_open`` reads it tensor by tensor)."""
+
+    def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name, dtype, shape in entries:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self._order.append((name, dtype, tuple(shape)))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+        self.path = path
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want, dtype, shape = self._order[self._next]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: got {name} {tensor.dtype} {list(tensor.shape)}, expected {want} {dtype} "
+                             f"{list(shape)} next")
+        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+        self._f.write(data.data)  # the tensor's own bytes, no copy
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: {len(self._order) - self._next} tensors were not written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
 
 
 def savable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -49,7 +49,8 @@ def test_chunked_draws_equal_one_call(numel, kind):
         assert torch.equal(chunk_gen.get_state(), whole_gen.get_state()), size
 
 
-@pytest.mark.parametrize("kw,head", [({}, "lm"), ({"tie_embeddings": True}, "lm"), ({"attention_bias": True}, "scalar")])
+@pytest.mark.parametrize("kw,head", [({}, "lm"), ({"tie_embeddings": True}, "lm"),
+                                     ({"attention_bias": True}, "scalar")])
 def test_meta_init_equals_eager(kw, head):
     """A model built on meta and filled by ModelInit equals the eagerly built one; the generator ends where eager
     construction and init_weights leave torch's."""

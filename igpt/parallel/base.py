@@ -49,12 +49,16 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int, in
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on norms, biases and embeddings (GPT-3 / Llama practice)."""
+    """AdamW groups: decay on matrices, none on norms, biases and embeddings (GPT-3 / Llama practice).
+
+    A ZeRO-3 parameter already partitioned (meta-device initialisation) is an empty 1-d tensor; its full shape is
+    ``ds_shape``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "embed" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

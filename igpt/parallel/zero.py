@@ -324,6 +324,17 @@ class ZeroWrapped(Wrapped):
                  self.strategy.name, self.name, ckpt_dir, len(params), step)
 
 
+def _forget_stale_world_group() -> None:
+    """DeepSpeed keeps a clone of the world group in a module global; after a process group is destroyed and another
+    made in the same process (several runs in one Python process, as in the tests) the clone belongs to the dead one
+    and every collective on it fails. Let DeepSpeed clone the current world group instead."""
+    from deepspeed.utils import groups
+    from torch.distributed import distributed_c10d as c10d
+
+    if groups._WORLD_GROUP is not None and groups._WORLD_GROUP not in c10d._world.pg_group_ranks:
+        groups._WORLD_GROUP = None
+
+
 def _plain_copy(module: nn.Module) -> nn.Module:
     """An unhooked copy of a (gathered) ZeRO-3 ``Transformer``: fresh modules, the gathered values copied in."""
     from igpt.model import Transformer
@@ -348,6 +359,7 @@ class ZeroStrategy(Strategy):
         self.stage = int(cfg.name.removeprefix("zero"))
         self.sharded = self.stage == 3
         init_single_process_group(device)
+        _forget_stale_world_group()
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def wrap_model(

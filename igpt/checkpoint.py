@@ -385,13 +385,15 @@ class WeightsSource:
             yield name, tuple(v.size), read
 
     @torch.no_grad()
-    def load_into(self, model: torch.nn.Module, strict: bool = True, shards: dict | None = None) -> list[str]:
+    def load_into(self, model: torch.nn.Module, strict: bool = True, shards: dict | None = None,
+                  progress: str | None = None) -> list[str]:
         """Copy the weights into ``model`` (a plain ``Transformer``) tensor by tensor; return its keys left as they
         were (a new head). ``strict=False`` lets the output head differ (an LM body into a reward model or critic).
 
         ``shards`` (plain name -> ``igpt.parallel.init.Shard``, what a sharded strategy holds on this rank): only the
         rows of each stored tensor that cover the rank's part are read (safetensors slices, DCP row reads) and
         copied in, so no rank holds more than its shards and a few rows. Without it every parameter is filled whole.
+        ``progress``: a tqdm description (one step per stored tensor), or None for no bar.
 
         A model with more vocabulary rows than stored (tokens added to the tokenizer) keeps the stored rows and
         starts the new ones at the mean of the stored ones (the resize rule of Hewitt 2021, as in transformers).
@@ -403,7 +405,14 @@ class WeightsSource:
         heads = {"lm_head.weight", "score.weight"}
         loaded: set[str] = set()
         unexpected: list[str] = []
+        bar = None
+        if progress is not None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self.shapes()), desc=progress, unit="tensor", dynamic_ncols=True)
         for name, shape, read in self._entries():
+            if bar is not None:
+                bar.update(1)
             if tied and name == "lm_head.weight":
                 continue  # the stored copy of a tied matrix; the model's is embed_tokens.weight
             target = targets.get(name)
@@ -433,6 +442,8 @@ class WeightsSource:
                 raise ValueError(f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
                                  f"expects {list(want)}")
             loaded.add(name)
+        if bar is not None:
+            bar.close()
         missing = sorted(k for k in targets if k not in loaded)
         bad = missing if strict else [k for k in missing if k not in heads]
         if bad or unexpected:

@@ -4,11 +4,12 @@ One loop serves every stage and strategy. The stage (``igpt/stages/``) declares 
 builds them (seeded, from ``init_from`` / ``reference_from`` / ``reward.model`` or fresh) and has the strategy place
 each one, trainable with its optimizer or frozen. A source is an igpt checkpoint or a Hugging Face model folder
 (``igpt.checkpoint.WeightsSource``); each model has its source's architecture, the main one's becomes ``cfg.model``
-(explicit ``model.*`` values must agree with it), and its weights are copied in tensor by tensor before the strategy
-wraps the model. An offline step takes the rank's slice of one global batch from the
-loader, splits it into micro-batches, and normalises the summed loss by the stage's count (tokens, comparisons) of the
-*global* batch, so the update equals a single process's for any world size (igpt/parallel/base.py states the gradient
-convention). A stage that makes its own batches (PPO) overrides the step and uses the same pieces.
+(explicit ``model.*`` values must agree with it). Each model is built on the meta device; the strategy shards it,
+allocates only what the rank holds and fills it with the eager model's initial weights, then the source's weights,
+tensor by tensor and only the rows the rank holds (``igpt/parallel/init.py``). An offline step takes the rank's
+slice of one global batch from the loader, splits it into micro-batches, and normalises the summed loss by the
+stage's count (tokens, comparisons) of the *global* batch, so the update equals a single process's for any world size
+(igpt/parallel/base.py states the gradient convention). A stage that makes its own batches (PPO) overrides the step and uses the same pieces.
 
 Exact resume: the learning rate is a pure function of the step; the checkpoint holds every trainable model and its
 optimizer, the RNG, the stage's own state and the merged data-loader states of all ranks (resumable at another world
@@ -333,7 +334,7 @@ class Trainer:
         with contextlib.nullcontext() if first else torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.trainer.seed)
             model = self._new_model(spec, attn, loss, first=first)
-            init = ModelInit.fresh(model, draw=not skip)
+            init = ModelInit.fresh(model, draw=not skip, progress=self.is_main)
             if spec.init and not skip:
                 init.load = self._init_loader(model, spec)
             optim = (spec.optim or self.cfg.optim) if spec.trainable else None
@@ -361,8 +362,10 @@ class Trainer:
         if spec.head == "scalar" and source.head == "scalar" and not spec.trainable:  # a reward model: normalised
             model.value_offset = -source.reward_mean
 
-        def load(shards) -> None:
-            kept = source.load_into(model, strict=spec.head == source.head, shards=shards)
+        def load(shards, progress: str | None = None) -> None:
+            big = sum(s.numel for s in shards.values()) >= 100_000_000
+            kept = source.load_into(model, strict=spec.head == source.head, shards=shards,
+                                    progress=progress if big else None)
             how = f", new {spec.head} head" if kept else ""
             log.info("%s: weights from %s%s", spec.role, source.describe(), how)
 

@@ -17,6 +17,10 @@ model's state-dict keys, ``<ckpt>/optim/`` the optimizer state keyed by paramete
 resumes at any world size, and ``igpt.checkpoint.read_model_state`` reads the weights in one process without a
 process group (generate, export, ``init_from``).
 
+A model built on the meta device (the trainer's) is sharded while empty; ``to_empty`` then allocates only the local
+shards and ``igpt.parallel.init.ModelInit`` fills them (``fsdp_shards``: each shard's rows of the full tensor), so no
+rank ever holds the full model.
+
 Frozen models (a DPO reference, PPO's reference and reward model) are sharded the same way, without gradients or
 optimizer state. For many forward passes in a row (generation, rollouts) ``Wrapped.gathered`` unshards the root once and
 keeps every block unsharded until the block ends, instead of re-gathering every block on every forward (measured on 2

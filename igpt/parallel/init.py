@@ -120,27 +120,33 @@ class ModelInit:
 
     plan: list
     generator: torch.Generator
-    load: Callable[[dict[str, Shard]], None] | None = None
+    load: Callable[[dict[str, Shard], str | None], None] | None = None
     draw: bool = True
     done: bool = field(default=False, init=False)
 
     @classmethod
-    def fresh(cls, model: nn.Module, draw: bool = True) -> ModelInit:
+    def fresh(cls, model: nn.Module, draw: bool = True, progress: bool = False) -> ModelInit:
         """For ``model`` (a ``Transformer`` on the meta device): a generator at torch's global state advanced past
-        the construction draws (the global state itself is left as it is)."""
+        the construction draws (the global state itself is left as it is). ``progress``: a tqdm bar for a large
+        model (rank 0)."""
         generator = torch.Generator()
         generator.set_state(torch.get_rng_state())
         if draw:
-            for numel, d in model.construction_draws():
+            draws = model.construction_draws()
+            bar = _progress("construction draws" if progress else None, sum(n for n, _ in draws))
+            for numel, d in draws:
                 for start, stop in chunks(numel):
                     d(torch.empty(stop - start), generator)
+                    bar.update(stop - start)
+            bar.close()
         return cls(plan=model.init_plan(), generator=generator, draw=draw)
 
     @torch.no_grad()
     def apply(self, shards: dict[str, Shard], progress: str | None = None) -> None:
         """Fill ``shards`` (plain name -> this rank's :class:`Shard`): the initial draws, then the source's weights.
 
-        ``progress``: a tqdm description on rank 0 for a model large enough to take a while."""
+        ``progress``: rank 0's tqdm description (bars for the draws of a model of 100M parameters or more, and for
+        the tensors read from a source)."""
         missing = sorted({name for name, _ in self.plan} - set(shards))
         if missing:
             raise ValueError(f"meta init: the placed model has no parameters {missing[:5]} of its init plan")
@@ -158,7 +164,7 @@ class ModelInit:
                     bar.update(stop - start)
             bar.close()
         if self.load is not None:
-            self.load(shards)
+            self.load(shards, None if progress is None else f"{progress}: load")
         self.done = True
 
 

@@ -21,10 +21,19 @@ How the trainer's contract maps onto the engine:
 - ZeRO-3 gathers a parameter when its owning module runs; the model's fused loss reads ``lm_head.weight`` directly,
   so that weight is registered as an external parameter of the root module.
 
-Checkpoints: ``model.safetensors`` holds the consolidated fp32 (master) weights, gathered on rank 0, so
-``igpt.checkpoint.read_model_state`` loads any ZeRO checkpoint in one process (generate, export, ``init_from``);
-``deepspeed/`` is DeepSpeed's own ``save_checkpoint`` (per-rank optimizer partitions) for exact resume, which needs the
-same stage and world size (DeepSpeed's partitions are per rank).
+Checkpoints are independent of the stage and the world size: ``model.safetensors`` holds the consolidated fp32
+(master) weights, so ``igpt.checkpoint.read_model_state`` loads any ZeRO checkpoint in one process (generate, export,
+``init_from``), and ``optimizer.safetensors`` AdamW's ``exp_avg`` and ``exp_avg_sq`` of every parameter whole, with
+the step in its metadata. Both are written one parameter at a time (``deepspeed.utils.safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state`` gather it, rank 0 streams it to disk) and read back the same way with
+``safe_set_full_*``, each rank keeping its partition, so a ZeRO-1/2/3 run resumes exactly on any number of ranks, as
+DeepSpeed's universal checkpoints do. Older checkpoints with DeepSpeed's own per-rank ``deepspeed/`` folder resume at
+their own stage and world size.
+
+Meta-device initialisation: a model built on the meta device is filled whole under ZeRO-1/2 (they keep full
+parameters); under ZeRO-3 its parameters are partitioned first (``deepspeed.zero.Init(module=...)`` on uninitialised
+memory) and only this rank's partition is filled, before ``deepspeed.initialize`` builds the fp32 master partitions
+from it.
 
 Several models share the process group as in DeepSpeed-Chat: each trainable model is its own engine with its own
 optimizer; a frozen model under ZeRO-3 is an engine built without an optimizer (its parameters partitioned, gathered

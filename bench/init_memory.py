@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,7 +99,7 @@ def prepare_data(root: str) -> str:
     out = os.path.join(root, "prepared")
     for cmd in (["-m", "igpt.data.tokenizer", f"input={root}/txt/*.txt", "vocab_size=384", f"output={tok}"],
                 ["-m", "igpt.data.prepare", f"input={root}/txt/*.txt", f"output_dir={out}", f"tokenizer={tok}",
-                 "kind=text", "val_fraction=0.1", "shard_tokens=4000"]):
+                 "kind=text", "val_fraction=0.1", "shard_tokens=4000", "overwrite=true"]):
         proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -137,6 +138,8 @@ def main() -> None:
     root = args.keep or tmp.name
     os.makedirs(root, exist_ok=True)
     data = prepare_data(os.path.join(root, "data"))
+    for run in ("init", "from"):  # fresh runs (a kept folder's old checkpoints would be resumed)
+        shutil.rmtree(os.path.join(root, run), ignore_errors=True)
     common = ["+stage=pretrain", f"data.dir={data}", f"strategy={args.strategy}", "precision=fp32", "device=cpu",
               "trainer.seq_len=64", "trainer.global_batch_size=" + str(args.nproc), "trainer.micro_batch_size=1",
               "trainer.progress=true", "trainer.eval_every=0", "logger.wandb.mode=disabled", "data.num_workers=0"]

@@ -200,6 +200,67 @@ def _dcp_load(state: dict[str, torch.Tensor], reader, dcp_dir: str) -> None:
         raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
 
 
+class _DcpRows:
+    """Rows of the tensors of a DCP folder, read byte range by byte range: of each stored chunk (a writing rank's
+    shard, saved with ``torch.save`` by ``FileSystemWriter``) only the bytes of the rows asked for are read, so a row
+    range costs its own size in memory, not its chunk's. A chunk this cannot address (a transform such as
+    compression, a non-contiguous layout) is read through DCP's own loader instead (:func:`_dcp_load_rows`)."""
+
+    def __init__(self, dcp_dir: str, reader) -> None:
+        self.dcp_dir = dcp_dir
+        self.reader = reader
+        self.storage = reader.read_metadata().storage_data
+        self._where: dict[tuple, tuple[str, int, int] | None] = {}
+
+    def _locate(self, name: str, offsets) -> tuple[str, int, int] | None:
+        """``(file, byte offset of the chunk's first element, element size)`` or None when not addressable."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        key = (name, tuple(offsets))
+        if key not in self._where:
+            self._where[key] = None
+            info = self.storage[MetadataIndex(name, offsets)]
+            path = os.path.join(self.dcp_dir, info.relative_path)
+            if not getattr(info, "transform_descriptors", None):
+                with open(path, "rb") as f:
+                    view = self.reader._slice_file(f, info)
+                    records = [r for r in torch._C.PyTorchFileReader(view).get_all_records()
+                               if re.fullmatch(r"(?:[^/]+/)?data/\d+", r)]
+                    if len(records) == 1:
+                        view.seek(0)
+                        record = torch._C.PyTorchFileReader(view).get_record_offset(records[0])
+                        view.seek(0)
+                        with torch.serialization.skip_data():  # shape, strides and offset only, no bytes read
+                            t = torch.load(view, map_location="cpu", weights_only=True)
+                        if isinstance(t, torch.Tensor) and t.is_contiguous():
+                            self._where[key] = (path, info.offset + record + t.storage_offset() * t.element_size(),
+                                                t.element_size())
+        return self._where[key]
+
+    def read(self, name: str, md, rows: tuple[int, int]) -> torch.Tensor:
+        r0, r1 = rows
+        size = tuple(md.size)
+        width = math.prod(size[1:])
+        out = torch.empty((r1 - r0, *size[1:]), dtype=md.properties.dtype)
+        for chunk in md.chunks:
+            c0, c1 = chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
+            a, b = max(r0, c0), min(r1, c1)
+            if a >= b:
+                continue
+            whole_rows = all(o == 0 for o in chunk.offsets[1:]) and tuple(chunk.sizes[1:]) == size[1:]
+            where = self._locate(name, chunk.offsets) if whole_rows else None
+            if where is None:
+                out[a - r0 : b - r0].copy_(_dcp_load_rows(self.reader, self.dcp_dir, name, md, (a, b)))
+                continue
+            path, base, elsize = where
+            dest = out[a - r0 : b - r0].view(torch.uint8).reshape(-1).numpy()
+            with open(path, "rb") as f:
+                f.seek(base + (a - c0) * width * elsize)
+                if f.readinto(dest) != dest.nbytes:
+                    raise ValueError(f"{self.dcp_dir}: {path} ends early; a shard is truncated or corrupt")
+        return out
+
+
 def _dcp_load_rows(reader, dcp_dir: str, name: str, md, rows: tuple[int, int]) -> torch.Tensor:
     """Rows ``[r0, r1)`` of tensor ``name`` of a DCP folder, read without a process group: only the stored chunks
     (a writing rank's shards) that overlap them are read, and only what overlaps is copied."""
@@ -267,6 +328,7 @@ def model_head(meta: dict[str, Any], role: str | None = None) -> str:
 
 # ---------------------------------------------------------------------------------------------------- weight sources
 VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")
+ROWS_BLOCK = 1 << 22  # elements read at a time into a shard (16 MiB in fp32)
 
 
 @dataclass
@@ -370,11 +432,12 @@ class WeightsSource:
     def _dcp_entries(self):
         dcp_dir = os.path.join(self.folder, "model")
         reader, md = _dcp_metadata(dcp_dir)
+        rows_reader = _DcpRows(dcp_dir, reader)
         for name, v in md.items():
 
             def read(out=None, rows=None, name=name, v=v):
                 if rows is not None:
-                    return _dcp_load_rows(reader, dcp_dir, name, v, rows)
+                    return rows_reader.read(name, v, rows)
                 if out is None or tuple(out.shape) != tuple(v.size) or out.dtype != v.properties.dtype:
                     t = torch.empty(v.size, dtype=v.properties.dtype)
                     _dcp_load({name: t}, reader, dcp_dir)
@@ -426,9 +489,11 @@ class WeightsSource:
             elif shape == want:
                 if target.lo == 0 and target.hi == target.numel:
                     read(target.local.view(want))
-                else:
+                else:  # the rows that cover the rank's part, a block of at most ROWS_BLOCK elements at a time
                     r0, r1 = target.rows()
-                    target.write_rows(r0, read(rows=(r0, r1)))
+                    step = max(1, ROWS_BLOCK // max(1, math.prod(want[1:])))
+                    for a in range(r0, r1, step):
+                        target.write_rows(a, read(rows=(a, min(r1, a + step))))
             elif name in VOCAB_ROWS and len(shape) == 2 and shape[1] == want[1] and shape[0] < want[0]:
                 stored = read()  # the mean needs every stored row: one full tensor, once
                 mean = stored.float().mean(0).to(stored.dtype)

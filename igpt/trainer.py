@@ -9,7 +9,8 @@ allocates only what the rank holds and fills it with the eager model's initial w
 tensor by tensor and only the rows the rank holds (``igpt/parallel/init.py``). An offline step takes the rank's
 slice of one global batch from the loader, splits it into micro-batches, and normalises the summed loss by the
 stage's count (tokens, comparisons) of the *global* batch, so the update equals a single process's for any world size
-(igpt/parallel/base.py states the gradient convention). A stage that makes its own batches (PPO) overrides the step and uses the same pieces.
+(igpt/parallel/base.py states the gradient convention). A stage that makes its own batches (PPO) overrides the step
+and uses the same pieces.
 
 Exact resume: the learning rate is a pure function of the step; the checkpoint holds every trainable model and its
 optimizer, the RNG, the stage's own state and the merged data-loader states of all ranks (resumable at another world

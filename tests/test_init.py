@@ -142,3 +142,22 @@ def test_sharded_init_equals_single_process(single, prepared_text_dir, prepared_
             assert sorted(a["models"][role]) == sorted(state), (i, role)
             for key, value in state.items():
                 assert torch.equal(a["models"][role][key], value), (i, role, key)
+
+
+def test_dcp_rows_read_only_their_bytes(sources):
+    """Row ranges of an FSDP (DCP) checkpoint's tensors equal those of a whole read, and are read from the byte
+    ranges of the stored chunks (no chunk loaded whole)."""
+    import torch.distributed.checkpoint as dcp
+
+    from igpt.checkpoint import _dcp_metadata, _DcpRows
+
+    folder = os.path.join(sources["policy"], "checkpoints", "step_0000001", "model")
+    reader, md = _dcp_metadata(folder)
+    rows = _DcpRows(folder, reader)
+    for name in ("embed_tokens.weight", "layers.1.mlp.down_proj.weight", "norm.weight"):
+        whole = torch.empty(md[name].size, dtype=md[name].properties.dtype)
+        dcp.load({name: whole}, storage_reader=reader, no_dist=True)
+        n = whole.shape[0]
+        for a, b in ((0, 1), (n // 2 - 3, n // 2 + 5), (n - 7, n), (0, n)):
+            assert torch.equal(rows.read(name, md[name], (a, b)), whole[a:b]), (name, a, b)
+        assert all(rows._locate(name, c.offsets) is not None for c in md[name].chunks), name

@@ -464,6 +464,8 @@ class WeightsSource:
         from igpt.parallel.init import full_shards
 
         tied = getattr(model, "tied", False)
+        if tied and shards is None:  # tie first (``to_empty`` gives the output matrix its own parameter)
+            model.lm_head.weight = model.embed_tokens.weight
         targets = shards if shards is not None else full_shards(model)
         heads = {"lm_head.weight", "score.weight"}
         loaded: set[str] = set()
@@ -509,7 +511,7 @@ class WeightsSource:
             loaded.add(name)
         if bar is not None:
             bar.close()
-        missing = sorted(k for k in targets if k not in loaded)
+        missing = sorted(k for k in targets if k not in loaded and not (tied and k == "lm_head.weight"))
         bad = missing if strict else [k for k in missing if k not in heads]
         if bad or unexpected:
             raise ValueError(

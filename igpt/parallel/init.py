@@ -14,7 +14,8 @@ sharding (FSDP2's ``fully_shard``, ZeRO-3's partitioning) to the empty model, al
    in blocks of 16 with the last 16 redrawn when the size is not a multiple of 16 (``normal_``), so chunks of a
    multiple of 16 elements, the last one at least 16 long, give bit for bit the values of one call on the whole
    tensor (``tests/test_init.py`` checks both, and the weights of single, fsdp and zero3 against the eager model).
-   Peak: the rank's shards plus one chunk (16 MiB), not the model, not even one full tensor.
+   Peak under fsdp: the rank's shards plus one chunk (16 MiB), not the model, not even one full tensor (ZeRO-3's
+   conversion, ``deepspeed.zero.Init(module=...)``, broadcasts each parameter whole: one full tensor at a time).
 2. **Weights from a source** (``init_from`` and the other ``ModelSpec.init`` keys): ``WeightsSource.load_into``
    with the shards reads, per tensor, only the rows that cover the rank's range (safetensors slices; DCP reads of a
    row range), and copies them in.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -122,7 +123,6 @@ class ModelInit:
     generator: torch.Generator
     load: Callable[[dict[str, Shard], str | None], None] | None = None
     draw: bool = True
-    done: bool = field(default=False, init=False)
 
     @classmethod
     def fresh(cls, model: nn.Module, draw: bool = True, progress: bool = False) -> ModelInit:
@@ -165,7 +165,6 @@ class ModelInit:
             bar.close()
         if self.load is not None:
             self.load(shards, None if progress is None else f"{progress}: load")
-        self.done = True
 
 
 class _NoBar:

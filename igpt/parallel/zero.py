@@ -265,11 +265,12 @@ class ZeroWrapped(Wrapped):
         size."""
         strategy = self.strategy
         assert self.engine is not None, f"model {self.name!r} is frozen: nothing to resume"
-        if meta.get("strategy", "").startswith("zero") and os.path.exists(os.path.join(ckpt_dir, OPTIM_FILE)):
+        zero = str(meta.get("strategy") or "").startswith("zero")
+        if zero and os.path.exists(os.path.join(ckpt_dir, OPTIM_FILE)):
             self._load_universal(ckpt_dir)
             return
         ds_dir = os.path.join(ckpt_dir, DS_DIR)
-        if not meta.get("strategy", "").startswith("zero") or not os.path.isdir(ds_dir):
+        if not zero or not os.path.isdir(ds_dir):
             raise FileNotFoundError(
                 f"{ckpt_dir}: written by strategy={meta.get('strategy')}, so it has no ZeRO optimizer state "
                 f"({OPTIM_FILE}) to resume strategy={strategy.name} from. Resume under "
@@ -414,8 +415,9 @@ class ZeroStrategy(Strategy):
     def _partition(self, model: nn.Module, init: ModelInit, name: str, config: dict[str, Any]) -> None:
         """ZeRO-3 partitioning of a meta model before the engine exists: every parameter gets uninitialised memory
         (``to_empty``: address space, not resident until written), ``deepspeed.zero.Init(module=...)`` converts the
-        parameters one by one into this rank's partition (``ds_tensor``) and frees each full tensor, then ``init``
-        fills the partitions. The engine then finds the parameters already partitioned, as under ``zero.Init``."""
+        parameters one by one into this rank's partition (``ds_tensor``; it broadcasts each one whole from rank 0
+        first, so one full parameter is resident at a time) and frees each full tensor, then ``init`` fills the
+        partitions. The engine then finds the parameters already partitioned, as under ``zero.Init``."""
         import deepspeed
 
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the engine's dtype for ZeRO-Init

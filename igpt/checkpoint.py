@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -199,6 +200,95 @@ def _dcp_load(state: dict[str, torch.Tensor], reader, dcp_dir: str) -> None:
         raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
 
 
+class _DcpRows:
+    """Rows of the tensors of a DCP folder, read byte range by byte range: of each stored chunk (a writing rank's
+    shard, saved with ``torch.save`` by ``FileSystemWriter``) only the bytes of the rows asked for are read, so a row
+    range costs its own size in memory, not its chunk's. A chunk this cannot address (a transform such as
+    compression, a non-contiguous layout) is read through DCP's own loader instead (:func:`_dcp_load_rows`)."""
+
+    def __init__(self, dcp_dir: str, reader) -> None:
+        self.dcp_dir = dcp_dir
+        self.reader = reader
+        self.storage = reader.read_metadata().storage_data
+        self._where: dict[tuple, tuple[str, int, int] | None] = {}
+
+    def _locate(self, name: str, offsets) -> tuple[str, int, int] | None:
+        """``(file, byte offset of the chunk's first element, element size)`` or None when not addressable."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        key = (name, tuple(offsets))
+        if key not in self._where:
+            self._where[key] = None
+            info = self.storage[MetadataIndex(name, offsets)]
+            path = os.path.join(self.dcp_dir, info.relative_path)
+            if not getattr(info, "transform_descriptors", None):
+                with open(path, "rb") as f:
+                    view = self.reader._slice_file(f, info)
+                    records = [r for r in torch._C.PyTorchFileReader(view).get_all_records()
+                               if re.fullmatch(r"(?:[^/]+/)?data/\d+", r)]
+                    if len(records) == 1:
+                        view.seek(0)
+                        record = torch._C.PyTorchFileReader(view).get_record_offset(records[0])
+                        view.seek(0)
+                        with torch.serialization.skip_data():  # shape, strides and offset only, no bytes read
+                            t = torch.load(view, map_location="cpu", weights_only=True)
+                        if isinstance(t, torch.Tensor) and t.is_contiguous():
+                            self._where[key] = (path, info.offset + record + t.storage_offset() * t.element_size(),
+                                                t.element_size())
+        return self._where[key]
+
+    def read(self, name: str, md, rows: tuple[int, int]) -> torch.Tensor:
+        r0, r1 = rows
+        size = tuple(md.size)
+        width = math.prod(size[1:])
+        out = torch.empty((r1 - r0, *size[1:]), dtype=md.properties.dtype)
+        for chunk in md.chunks:
+            c0, c1 = chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
+            a, b = max(r0, c0), min(r1, c1)
+            if a >= b:
+                continue
+            whole_rows = all(o == 0 for o in chunk.offsets[1:]) and tuple(chunk.sizes[1:]) == size[1:]
+            where = self._locate(name, chunk.offsets) if whole_rows else None
+            if where is None:
+                out[a - r0 : b - r0].copy_(_dcp_load_rows(self.reader, self.dcp_dir, name, md, (a, b)))
+                continue
+            path, base, elsize = where
+            dest = out[a - r0 : b - r0].view(torch.uint8).reshape(-1).numpy()
+            with open(path, "rb") as f:
+                f.seek(base + (a - c0) * width * elsize)
+                if f.readinto(dest) != dest.nbytes:
+                    raise ValueError(f"{self.dcp_dir}: {path} ends early; a shard is truncated or corrupt")
+        return out
+
+
+def _dcp_load_rows(reader, dcp_dir: str, name: str, md, rows: tuple[int, int]) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of tensor ``name`` of a DCP folder, read without a process group: only the stored chunks
+    (a writing rank's shards) that overlap them are read, and only what overlaps is copied."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    r0, r1 = rows
+    size = tuple(md.size)
+    out = torch.empty((r1 - r0, *size[1:]), dtype=md.properties.dtype)
+
+    class RowsPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            chunk = ChunkStorageMetadata(offsets=torch.Size([r0] + [0] * (len(size) - 1)), sizes=out.shape)
+            return LoadPlan(create_read_items_for_chunk_list(name, md, [chunk]))
+
+        def lookup_tensor(self, index) -> torch.Tensor:
+            return out
+
+    try:
+        dcp.load({name: out}, storage_reader=reader, planner=RowsPlanner(), no_dist=True)
+    except Exception as e:
+        raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
+    return out
+
+
 def load_weights(
     model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False, strict: bool = True
 ) -> list[str]:
@@ -238,6 +328,7 @@ def model_head(meta: dict[str, Any], role: str | None = None) -> str:
 
 # ---------------------------------------------------------------------------------------------------- weight sources
 VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")
+ROWS_BLOCK = 1 << 22  # elements read at a time into a shard (16 MiB in fp32)
 
 
 @dataclass
@@ -329,9 +420,9 @@ class WeightsSource:
                         continue
                     shape = tuple(f.get_slice(name).get_shape())
 
-                    def read(out=None, f=f, name=name, path=path):
+                    def read(out=None, rows=None, f=f, name=name, path=path):
                         try:
-                            t = f.get_tensor(name)
+                            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
                         except Exception as e:
                             raise _safetensors_error(path, e) from None
                         return t if out is None else out.copy_(t)
@@ -341,9 +432,12 @@ class WeightsSource:
     def _dcp_entries(self):
         dcp_dir = os.path.join(self.folder, "model")
         reader, md = _dcp_metadata(dcp_dir)
+        rows_reader = _DcpRows(dcp_dir, reader)
         for name, v in md.items():
 
-            def read(out=None, name=name, v=v):
+            def read(out=None, rows=None, name=name, v=v):
+                if rows is not None:
+                    return rows_reader.read(name, v, rows)
                 if out is None or tuple(out.shape) != tuple(v.size) or out.dtype != v.properties.dtype:
                     t = torch.empty(v.size, dtype=v.properties.dtype)
                     _dcp_load({name: t}, reader, dcp_dir)
@@ -354,46 +448,76 @@ class WeightsSource:
             yield name, tuple(v.size), read
 
     @torch.no_grad()
-    def load_into(self, model: torch.nn.Module, strict: bool = True) -> list[str]:
+    def load_into(self, model: torch.nn.Module, strict: bool = True, shards: dict | None = None,
+                  progress: str | None = None) -> list[str]:
         """Copy the weights into ``model`` (a plain ``Transformer``) tensor by tensor; return its keys left as they
         were (a new head). ``strict=False`` lets the output head differ (an LM body into a reward model or critic).
+
+        ``shards`` (plain name -> ``igpt.parallel.init.Shard``, what a sharded strategy holds on this rank): only the
+        rows of each stored tensor that cover the rank's part are read (safetensors slices, DCP row reads) and
+        copied in, so no rank holds more than its shards and a few rows. Without it every parameter is filled whole.
+        ``progress``: a tqdm description (one step per stored tensor), or None for no bar.
 
         A model with more vocabulary rows than stored (tokens added to the tokenizer) keeps the stored rows and
         starts the new ones at the mean of the stored ones (the resize rule of Hewitt 2021, as in transformers).
         """
-        params = dict(model.state_dict(keep_vars=True))
+        from igpt.parallel.init import full_shards
+
         tied = getattr(model, "tied", False)
+        if tied and shards is None:  # tie first (``to_empty`` gives the output matrix its own parameter)
+            model.lm_head.weight = model.embed_tokens.weight
+        targets = shards if shards is not None else full_shards(model)
         heads = {"lm_head.weight", "score.weight"}
         loaded: set[str] = set()
         unexpected: list[str] = []
+        bar = None
+        if progress is not None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self.shapes()), desc=progress, unit="tensor", dynamic_ncols=True)
         for name, shape, read in self._entries():
+            if bar is not None:
+                bar.update(1)
             if tied and name == "lm_head.weight":
                 continue  # the stored copy of a tied matrix; the model's is embed_tokens.weight
-            target = params.get(name)
+            target = targets.get(name)
             if target is None:
                 if strict or name not in heads:
                     unexpected.append(name)
                 continue
             want = tuple(target.shape)
-            if shape == want:
-                read(target.data)
+            if target.hi <= target.lo:
+                pass  # this rank holds nothing of it (FSDP's last ranks for a short first dimension)
+            elif shape == want:
+                if target.lo == 0 and target.hi == target.numel:
+                    read(target.local.view(want))
+                else:  # the rows that cover the rank's part, a block of at most ROWS_BLOCK elements at a time
+                    r0, r1 = target.rows()
+                    step = max(1, ROWS_BLOCK // max(1, math.prod(want[1:])))
+                    for a in range(r0, r1, step):
+                        target.write_rows(a, read(rows=(a, min(r1, a + step))))
             elif name in VOCAB_ROWS and len(shape) == 2 and shape[1] == want[1] and shape[0] < want[0]:
-                stored = read()
-                target.data[: shape[0]].copy_(stored)
-                target.data[shape[0] :].copy_(stored.float().mean(0).to(target.dtype))
+                stored = read()  # the mean needs every stored row: one full tensor, once
+                mean = stored.float().mean(0).to(stored.dtype)
+                r0, r1 = target.rows()
+                rows = torch.cat([stored[r0 : min(r1, shape[0])], mean.expand(max(0, r1 - max(r0, shape[0])), -1)])
+                target.write_rows(r0, rows)
+                del stored
                 log.info("%s: %s has %d rows for %d tokens: the %d new rows start at the mean row", self.where,
                          name, shape[0], want[0], want[0] - shape[0])
             else:
                 raise ValueError(f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
                                  f"expects {list(want)}")
             loaded.add(name)
-        missing = sorted(k for k in params if k not in loaded and not (tied and k == "lm_head.weight"))
+        if bar is not None:
+            bar.close()
+        missing = sorted(k for k in targets if k not in loaded and not (tied and k == "lm_head.weight"))
         bad = missing if strict else [k for k in missing if k not in heads]
         if bad or unexpected:
             raise ValueError(
                 f"{self.where}: weights do not match the model: missing {bad}, unexpected {sorted(unexpected)}"
             )
-        if tied:
+        if tied and shards is None:
             model.lm_head.weight = model.embed_tokens.weight
         return missing
 
@@ -459,6 +583,49 @@ def load_model(path: str, device: str | torch.device = "cpu", role: str | None =
         model.value_offset = -source.reward_mean
     model.to(device).eval()
     return model, source.chat_format(), source.meta
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+class SafetensorsWriter:
+    """A safetensors file written one tensor at a time: the header (names, dtypes, shapes, offsets) comes first from
+    ``entries`` known in advance, then each tensor's bytes as :meth:`write` gets it, in the order of ``entries``. The
+    writer never holds more than the tensor it is given (``safetensors.torch.save_file`` needs all of them at once).
+    The result is an ordinary safetensors file (``safe_open`` reads it tensor by tensor)."""
+
+    def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name, dtype, shape in entries:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self._order.append((name, dtype, tuple(shape)))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+        self.path = path
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want, dtype, shape = self._order[self._next]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: got {name} {tensor.dtype} {list(tensor.shape)}, expected {want} {dtype} "
+                             f"{list(shape)} next")
+        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+        self._f.write(data.data)  # the tensor's own bytes, no copy
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: {len(self._order) - self._next} tensors were not written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
 
 
 def savable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,11 +4,13 @@ One loop serves every stage and strategy. The stage (``igpt/stages/``) declares 
 builds them (seeded, from ``init_from`` / ``reference_from`` / ``reward.model`` or fresh) and has the strategy place
 each one, trainable with its optimizer or frozen. A source is an igpt checkpoint or a Hugging Face model folder
 (``igpt.checkpoint.WeightsSource``); each model has its source's architecture, the main one's becomes ``cfg.model``
-(explicit ``model.*`` values must agree with it), and its weights are copied in tensor by tensor before the strategy
-wraps the model. An offline step takes the rank's slice of one global batch from the
-loader, splits it into micro-batches, and normalises the summed loss by the stage's count (tokens, comparisons) of the
-*global* batch, so the update equals a single process's for any world size (igpt/parallel/base.py states the gradient
-convention). A stage that makes its own batches (PPO) overrides the step and uses the same pieces.
+(explicit ``model.*`` values must agree with it). Each model is built on the meta device; the strategy shards it,
+allocates only what the rank holds and fills it with the eager model's initial weights, then the source's weights,
+tensor by tensor and only the rows the rank holds (``igpt/parallel/init.py``). An offline step takes the rank's
+slice of one global batch from the loader, splits it into micro-batches, and normalises the summed loss by the
+stage's count (tokens, comparisons) of the *global* batch, so the update equals a single process's for any world size
+(igpt/parallel/base.py states the gradient convention). A stage that makes its own batches (PPO) overrides the step
+and uses the same pieces.
 
 Exact resume: the learning rate is a pure function of the step; the checkpoint holds every trainable model and its
 optimizer, the RNG, the stage's own state and the merged data-loader states of all ranks (resumable at another world
@@ -19,6 +21,7 @@ exit 0 after writing ``<run_dir>/preempted``, which the Slurm scripts read to re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -323,41 +326,54 @@ class Trainer:
     def build_model(self, spec, first: bool = False, resuming: bool = False):
         """One model of ``spec``, initialised and placed by the strategy (a ``Wrapped`` handle).
 
-        The first model is built right after seeding, so its initial weights depend on ``trainer.seed`` alone; any
-        other fresh model (a reference without a source) gets the same draw: the policy as it starts. A trainable model
-        that resumes gets its weights from the run's checkpoint afterwards instead of from ``spec.init``."""
+        The model is built on the meta device and the strategy allocates and fills only what this rank holds
+        (``igpt/parallel/init.py``): the initial weights equal those of the model built eagerly right after seeding,
+        so they depend on ``trainer.seed`` alone; any other fresh model (a reference without a source) gets the same
+        draw: the policy as it starts. Weights from ``spec.init`` are then read shard by shard. A trainable model that
+        resumes is neither drawn nor loaded from ``spec.init``: the run's checkpoint fills it afterwards."""
+        from igpt.parallel.init import ModelInit
+
         attn, loss = self.backends()
-        if first:
+        skip = spec.trainable and resuming
+        with contextlib.nullcontext() if first else torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.trainer.seed)
-            model = self._new_model(spec, attn, loss, first=True)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.trainer.seed)
-                model = self._new_model(spec, attn, loss, first=False)
-        if spec.init and not (spec.trainable and resuming):
-            self._load_init(model, spec)
-        optim = (spec.optim or self.cfg.optim) if spec.trainable else None
-        return self.strategy.wrap_model(model, optim, name=spec.role)
+            model = self._new_model(spec, attn, loss, first=first)
+            init = ModelInit.fresh(model, draw=not skip, progress=self.is_main)
+            if spec.init and not skip:
+                init.load = self._init_loader(model, spec)
+            optim = (spec.optim or self.cfg.optim) if spec.trainable else None
+            handle = self.strategy.wrap_model(model, optim, name=spec.role, init=init)
+            if first and not skip:  # torch's generator continues where eager initialisation would have left it
+                torch.set_rng_state(init.generator.get_state())
+        return handle
 
     def _new_model(self, spec, attn: str, loss: str, first: bool):
         from igpt.model import Transformer
 
         model_cfg = self.cfg.model if first else self.model_config(spec)  # cfg.model: the main model's (resolved)
-        return Transformer(model_cfg, attention=attn, loss=loss, head=spec.head)
+        with torch.device("meta"):
+            return Transformer(model_cfg, attention=attn, loss=loss, head=spec.head)
 
-    def _load_init(self, model: torch.nn.Module, spec) -> None:
-        """Fill ``model`` from ``spec``'s source, one stored tensor at a time (no second full copy of the weights)."""
+    def _init_loader(self, model: torch.nn.Module, spec):
+        """What fills ``model``'s shards from ``spec``'s source once the strategy has placed it (one stored tensor,
+        and of it only the rows this rank holds, at a time)."""
         source = self.weights_source(spec)
         if spec.head == "lm" and source.head != "lm":
             raise ValueError(
                 f"{source.where}: {source.path} holds a model with a {source.head} head (a reward model), "
                 f"but the {spec.role} needs a language model (an SFT, pretraining or causal-LM checkpoint)"
             )
-        kept = source.load_into(model, strict=spec.head == source.head)
         if spec.head == "scalar" and source.head == "scalar" and not spec.trainable:  # a reward model: normalised
             model.value_offset = -source.reward_mean
-        how = f", new {spec.head} head" if kept else ""
-        log.info("%s: weights from %s%s", spec.role, source.describe(), how)
+
+        def load(shards, progress: str | None = None) -> None:
+            big = sum(s.numel for s in shards.values()) >= 100_000_000
+            kept = source.load_into(model, strict=spec.head == source.head, shards=shards,
+                                    progress=progress if big else None)
+            how = f", new {spec.head} head" if kept else ""
+            log.info("%s: weights from %s%s", spec.role, source.describe(), how)
+
+        return load
 
     def _resume(self, ckpt: str) -> None:
         meta = checkpoint.read_meta(ckpt)

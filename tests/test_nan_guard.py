@@ -9,7 +9,6 @@ A checkpoint after every step lets each skipped step be compared with the one be
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 
@@ -42,11 +41,10 @@ def optimizer_state(ckpt_dir: str, strategy: str) -> dict[str, torch.Tensor]:
         walk("", torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True)["state"])
     elif strategy == "fsdp":
         walk("", read_dcp(os.path.join(ckpt_dir, "optim")))
-    else:  # DeepSpeed's per-rank optimizer partitions (our own files, written by the run under test)
-        for path in sorted(glob.glob(os.path.join(ckpt_dir, "deepspeed", "*", "*optim_states.pt"))):
-            state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-            walk(os.path.basename(path), {k: v for k, v in state.items() if k in ("base_optimizer_state",
-                                                                                   "single_partition_of_fp32_groups")})
+    else:  # ZeRO: AdamW's state per parameter
+        from safetensors.torch import load_file
+
+        walk("", load_file(os.path.join(ckpt_dir, "optimizer.safetensors")))
     assert out, f"{ckpt_dir}: no optimizer state found"
     return out
 

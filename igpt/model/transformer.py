@@ -31,6 +31,7 @@ from outside (``igpt/parallel/``), per ``Block`` in ``model.layers``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,27 @@ from igpt.model.attention import AttentionInfo, attention, attention_info, decod
 from igpt.model.kv_cache import KVCache
 from igpt.model.loss import IGNORE_INDEX
 from igpt.model.outputs import Logits, Output, TokenLoss, Values
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How one tensor is initialised: ``normal`` (mean ``a``, std ``b``), ``uniform`` on ``[a, b)`` or ``fill``
+    with ``a``; drawn from ``generator`` (default: torch's global one), exactly as ``nn.init`` draws."""
+
+    kind: str
+    a: float = 0.0
+    b: float = 0.0
+
+    @property
+    def random(self) -> bool:
+        return self.kind != "fill"
+
+    def __call__(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.kind == "normal":
+            return t.normal_(self.a, self.b, generator=generator)
+        if self.kind == "uniform":
+            return t.uniform_(self.a, self.b, generator=generator)
+        return t.fill_(self.a)
 
 
 class RMSNorm(nn.Module):
@@ -239,28 +261,59 @@ class Transformer(nn.Module):
         """True when ``lm_head.weight`` is ``embed_tokens.weight``."""
         return self.head == "lm" and self.cfg.tie_embeddings
 
+    def init_plan(self) -> list[tuple[str, Draw]]:
+        """Every parameter's initialisation as ``(name, draw)``, in the order :meth:`init_weights` draws them (the
+        module docstring's rule; names of the plain model, a tied output matrix once as ``embed_tokens.weight``).
+
+        Meta-device initialisation (``igpt/parallel/init.py``) replays this list one tensor at a time, so a sharded
+        model gets the values the eager model would have."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        plan = [("embed_tokens.weight", Draw("normal", 0.0, std))]
+        if self.head == "lm" and not self.cfg.tie_embeddings:
+            plan.append(("lm_head.weight", Draw("normal", 0.0, std)))
+        for i, block in enumerate(self.layers):
+            pre = f"layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                plan.append((f"{pre}self_attn.{proj}.weight", Draw("normal", 0.0, std)))
+                if getattr(block.self_attn, proj).bias is not None:
+                    plan.append((f"{pre}self_attn.{proj}.bias", Draw("fill", 0.0)))
+            plan += [
+                (f"{pre}mlp.gate_proj.weight", Draw("normal", 0.0, std)),
+                (f"{pre}mlp.up_proj.weight", Draw("normal", 0.0, std)),
+                (f"{pre}self_attn.o_proj.weight", Draw("normal", 0.0, out_std)),
+                (f"{pre}mlp.down_proj.weight", Draw("normal", 0.0, out_std)),
+                (f"{pre}input_layernorm.weight", Draw("fill", 1.0)),
+                (f"{pre}post_attention_layernorm.weight", Draw("fill", 1.0)),
+            ]
+        plan.append(("norm.weight", Draw("fill", 1.0)))
+        if self.head == "scalar":
+            plan.append(("score.weight", Draw("normal", 0.0, 1.0 / math.sqrt(self.cfg.dim + 1))))
+        return plan
+
+    def construction_draws(self) -> list[tuple[int, Draw]]:
+        """``(numel, draw)`` of the random draws that building the modules on a real device makes before
+        :meth:`init_weights` replaces them, in order: ``nn.Linear``'s Kaiming-uniform weight and uniform bias,
+        ``nn.Embedding``'s N(0, 1). Built on the meta device the modules draw nothing; replaying these on the
+        generator leaves it where eager construction would (the values themselves are never used)."""
+        draws: list[tuple[int, Draw]] = []
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features) if module.in_features else 0.0
+                draws.append((module.out_features * module.in_features, Draw("uniform", -bound, bound)))
+                if module.bias is not None:
+                    draws.append((module.out_features, Draw("uniform", -bound, bound)))
+            elif isinstance(module, nn.Embedding):
+                draws.append((module.num_embeddings * module.embedding_dim, Draw("normal", 0.0, 1.0)))
+            elif module is not self and not isinstance(module, (RMSNorm, Attention, MLP, Block, nn.ModuleList)):
+                raise NotImplementedError(f"construction_draws: module {name} ({type(module).__name__}) is unknown")
+        return draws
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter as the module docstring describes (also after building on ``meta``)."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
-        if self.head == "lm" and not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
-        for block in self.layers:
-            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
-                nn.init.normal_(lin.weight, mean=0.0, std=std)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            nn.init.normal_(block.mlp.gate_proj.weight, mean=0.0, std=std)
-            nn.init.normal_(block.mlp.up_proj.weight, mean=0.0, std=std)
-            nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=out_std)
-            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=out_std)
-            block.input_layernorm.reset_parameters()
-            block.post_attention_layernorm.reset_parameters()
-        self.norm.reset_parameters()
-        if self.head == "scalar":
-            self.init_score()
+        for name, draw in self.init_plan():
+            draw(self.get_parameter(name))
 
     @torch.no_grad()
     def init_score(self, generator: torch.Generator | None = None) -> None:
@@ -321,5 +374,5 @@ class Transformer(nn.Module):
         return output(self, x)
 
 
-__all__ = ["Attention", "Block", "IGNORE_INDEX", "MLP", "RMSNorm", "Transformer", "apply_rope", "rope_cos_sin",
+__all__ = ["Attention", "Block", "Draw", "IGNORE_INDEX", "MLP", "RMSNorm", "Transformer", "apply_rope", "rope_cos_sin",
            "rope_inv_freq"]

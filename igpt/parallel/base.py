@@ -21,13 +21,16 @@ import datetime
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from igpt.config import OptimConfig, StrategyConfig
+
+if TYPE_CHECKING:
+    from igpt.parallel.init import ModelInit
 
 log = logging.getLogger("igpt")
 
@@ -46,12 +49,16 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int, in
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on norms, biases and embeddings (GPT-3 / Llama practice)."""
+    """AdamW groups: decay on matrices, none on norms, biases and embeddings (GPT-3 / Llama practice).
+
+    A ZeRO-3 parameter already partitioned (meta-device initialisation) is an empty 1-d tensor; its full shape is
+    ``ds_shape``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "embed" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -235,11 +242,34 @@ class Strategy:
                 block.compile()  # in place: state-dict keys stay those of the plain model
         return model
 
-    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
-        """Place ``model``: trainable with an AdamW built from ``optim_cfg``, or frozen when it is None."""
-        model = self.prepare_model(model.to(self.device), trainable=optim_cfg is not None)
+    def wrap_model(
+        self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy",
+        init: ModelInit | None = None,
+    ) -> Wrapped:
+        """Place ``model``: trainable with an AdamW built from ``optim_cfg``, or frozen when it is None.
+
+        A model built on the meta device comes with ``init`` (``igpt.parallel.init.ModelInit``): the strategy
+        allocates and fills only what this rank holds. A materialised model is placed as it is."""
+        model = self.prepare_model(self.materialize(model, init, name), trainable=optim_cfg is not None)
         optimizer = build_adamw(model, optim_cfg) if optim_cfg is not None else None
         return self.wrapped_class(self, name, model, optimizer)
+
+    def materialize(self, model: nn.Module, init: ModelInit | None, name: str) -> nn.Module:
+        """The whole model on the device (strategies that keep full parameters): a meta model is allocated there and
+        filled by ``init``; a materialised one is moved."""
+        from igpt.parallel.init import full_shards, on_meta, to_empty
+
+        if not on_meta(model):
+            return model.to(self.device)
+        if init is None:
+            raise ValueError(f"model {name!r} is on the meta device: wrap_model needs its ModelInit to fill it")
+        to_empty(model, self.device)
+        init.apply(full_shards(model), self.progress_desc(name))
+        return model
+
+    def progress_desc(self, name: str) -> str | None:
+        """The description of rank 0's progress bar while a model is filled (None on other ranks)."""
+        return f"init {name}" if self.rank == 0 else None
 
     def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
         """One trainable model: ``(model to call, optimizer)`` (``wrap_model`` gives the whole handle)."""

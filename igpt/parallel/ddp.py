@@ -25,9 +25,11 @@ class DDPStrategy(Strategy):
     name = "ddp"
     wrapped_class = DDPWrapped
 
-    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
+    def wrap_model(
+        self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy", init=None
+    ) -> Wrapped:
         trainable = optim_cfg is not None
-        model = self.prepare_model(model.to(self.device), trainable=trainable)
+        model = self.prepare_model(self.materialize(model, init, name), trainable=trainable)
         if trainable and self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)

@@ -17,6 +17,10 @@ model's state-dict keys, ``<ckpt>/optim/`` the optimizer state keyed by paramete
 resumes at any world size, and ``igpt.checkpoint.read_model_state`` reads the weights in one process without a
 process group (generate, export, ``init_from``).
 
+A model built on the meta device (the trainer's) is sharded while empty; ``to_empty`` then allocates only the local
+shards and ``igpt.parallel.init.ModelInit`` fills them (``fsdp_shards``: each shard's rows of the full tensor), so no
+rank ever holds the full model.
+
 Frozen models (a DPO reference, PPO's reference and reward model) are sharded the same way, without gradients or
 optimizer state. For many forward passes in a row (generation, rollouts) ``Wrapped.gathered`` unshards the root once and
 keeps every block unsharded until the block ends, instead of re-gathering every block on every forward (measured on 2
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +52,7 @@ from torch.distributed.tensor import DTensor, init_device_mesh
 
 from igpt.config import OptimConfig, StrategyConfig
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
+from igpt.parallel.init import ModelInit, Shard, on_meta, plain_name
 
 log = logging.getLogger("igpt")
 
@@ -144,6 +150,23 @@ class FSDPWrapped(Wrapped):
         set_optimizer_state_dict(self.model, self.optimizer, osd["optim"])
 
 
+def fsdp_shards(model: nn.Module) -> dict[str, Shard]:
+    """Where each parameter's local shard lies in the flattened full tensor (FSDP2 shards dim 0 in
+    ``torch.chunk`` pieces: rank r holds a contiguous block of rows), by plain name."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    out: dict[str, Shard] = {}
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            local = p.to_local()
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            lo = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
+        else:
+            local, lo = p.data, 0
+        out[plain_name(name)] = Shard(tuple(p.shape), lo, lo + local.numel(), local.view(-1))
+    return out
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
     sharded = True
@@ -157,11 +180,19 @@ class FSDPStrategy(Strategy):
         self.reduce_dtype = _dtype(cfg.reduce_dtype, "strategy.reduce_dtype")
 
     # ---- setup -----------------------------------------------------------------------------------------------
-    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
+    def wrap_model(
+        self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy",
+        init: ModelInit | None = None,
+    ) -> Wrapped:
+        """Shard ``model``; one built on the meta device is sharded first, then only this rank's shards are allocated
+        and filled by ``init`` (``igpt/parallel/init.py``)."""
         trainable = optim_cfg is not None
         if not trainable:
             model.requires_grad_(False)
-        model = self.prepare_model(model.to(self.device), trainable=trainable)
+        meta = on_meta(model)
+        if meta and init is None:
+            raise ValueError(f"model {name!r} is on the meta device: wrap_model needs its ModelInit to fill it")
+        model = self.prepare_model(model if meta else model.to(self.device), trainable=trainable)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         kwargs: dict = {
             "mesh": mesh,
@@ -177,6 +208,9 @@ class FSDPStrategy(Strategy):
             fully_shard(block, reshard_after_forward=reshard[id(block)], **kwargs)
         reshard[id(model)] = self.cfg.reshard_after_forward
         fully_shard(model, reshard_after_forward=reshard[id(model)], **kwargs)
+        if meta:
+            model.to_empty(device="cpu" if self.cfg.cpu_offload else self.device)  # the local shards only
+            init.apply(fsdp_shards(model), self.progress_desc(name))
         optimizer = build_adamw(model, optim_cfg) if trainable else None
         log.info(
             "fsdp: %s model %r, %d blocks + root sharded over %d ranks (param_dtype=%s, reduce_dtype=%s, "

@@ -21,10 +21,19 @@ How the trainer's contract maps onto the engine:
 - ZeRO-3 gathers a parameter when its owning module runs; the model's fused loss reads ``lm_head.weight`` directly,
   so that weight is registered as an external parameter of the root module.
 
-Checkpoints: ``model.safetensors`` holds the consolidated fp32 (master) weights, gathered on rank 0, so
-``igpt.checkpoint.read_model_state`` loads any ZeRO checkpoint in one process (generate, export, ``init_from``);
-``deepspeed/`` is DeepSpeed's own ``save_checkpoint`` (per-rank optimizer partitions) for exact resume, which needs the
-same stage and world size (DeepSpeed's partitions are per rank).
+Checkpoints are independent of the stage and the world size: ``model.safetensors`` holds the consolidated fp32
+(master) weights, so ``igpt.checkpoint.read_model_state`` loads any ZeRO checkpoint in one process (generate, export,
+``init_from``), and ``optimizer.safetensors`` AdamW's ``exp_avg`` and ``exp_avg_sq`` of every parameter whole, with
+the step in its metadata. Both are written one parameter at a time (``deepspeed.utils.safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state`` gather it, rank 0 streams it to disk) and read back the same way with
+``safe_set_full_*``, each rank keeping its partition, so a ZeRO-1/2/3 run resumes exactly on any number of ranks, as
+DeepSpeed's universal checkpoints do. Older checkpoints with DeepSpeed's own per-rank ``deepspeed/`` folder resume at
+their own stage and world size.
+
+Meta-device initialisation: a model built on the meta device is filled whole under ZeRO-1/2 (they keep full
+parameters); under ZeRO-3 its parameters are partitioned first (``deepspeed.zero.Init(module=...)`` on uninitialised
+memory) and only this rank's partition is filled, before ``deepspeed.initialize`` builds the fp32 master partitions
+from it.
 
 Several models share the process group as in DeepSpeed-Chat: each trainable model is its own engine with its own
 optimizer; a frozen model under ZeRO-3 is an engine built without an optimizer (its parameters partitioned, gathered
@@ -49,11 +58,14 @@ from torch import nn
 from igpt.config import OptimConfig, StrategyConfig
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
 from igpt.parallel.fsdp import init_single_process_group
+from igpt.parallel.init import ModelInit, Shard, on_meta, plain_name, to_empty
 
 log = logging.getLogger("igpt")
 
 DS_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside an igpt checkpoint directory
 DS_TAG = "state"
+OPTIM_FILE = "optimizer.safetensors"  # AdamW's state per parameter (world-size independent)
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 _WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
 
@@ -151,7 +163,8 @@ class ZeroWrapped(Wrapped):
             yield p.detach()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 (master) weights on CPU on rank 0 (empty elsewhere). Collective: every rank must call it."""
+        """Full fp32 (master) weights on CPU on rank 0 (empty elsewhere); a frozen model's weights as it computes with
+        them. Collective: every rank must call it."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         out: dict[str, torch.Tensor] = {}
@@ -163,50 +176,173 @@ class ZeroWrapped(Wrapped):
                     out[key] = out[seen[id(p)]]
                 continue
             seen[id(p)] = key
-            full = safe_get_full_fp32_param(p)  # gathers the ZeRO partitions (collective for ZeRO-3)
-            if full is None:
-                raise RuntimeError(f"{self.strategy.name}: parameter {name} has no DeepSpeed fp32 master copy")
+            if self.optimizer is not None:
+                full = safe_get_full_fp32_param(p)  # gathers the ZeRO partitions (collective for ZeRO-3)
+                if full is None:
+                    raise RuntimeError(f"{self.strategy.name}: parameter {name} has no DeepSpeed fp32 master copy")
+            else:  # a frozen model: its (compute-dtype) weights, gathered under ZeRO-3
+                with self.full_param(name) as value:
+                    full = value.clone()
             if self.strategy.rank == 0:
                 out[key] = full.detach().to("cpu", torch.float32).clone()
         return out
 
     # ---- checkpoint ------------------------------------------------------------------------------------------
-    def save(self, ckpt_dir: str) -> list[str]:
-        """``model.safetensors`` (consolidated fp32, rank 0) and DeepSpeed's own checkpoint in ``deepspeed/``."""
-        from safetensors.torch import save_file
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable parameters under the plain model's names; a tied matrix once (as ``embed_tokens.weight``)."""
+        return [(plain_name(n), p) for n, p in self.module.named_parameters()]
 
-        from igpt.checkpoint import savable_state
+    def _ensure_optimizer_state(self) -> None:
+        """AdamW's state (zeros, step 0) for every fp32 partition that has none yet, linked to DeepSpeed's
+        per-parameter fragments, so that :meth:`load` can set it before the first step (AdamW creates its state at
+        the first step; ZeRO-1/2 link their fragments to it then)."""
+        inner = self.optimizer.optimizer  # igpt's torch AdamW over DeepSpeed's flat fp32 partitions
+        flats = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3: its groups are empty between
+        if flats is None:  # steps; ZeRO-1/2: the groups hold the partitions
+            flats = [flat for group in inner.param_groups for flat in group["params"]]
+        for flat in flats:
+            state = inner.state[flat]
+            if not state:
+                state.update(step=torch.tensor(0.0, dtype=torch.float32), exp_avg=torch.zeros_like(flat),
+                             exp_avg_sq=torch.zeros_like(flat))
+        link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 (and DeepSpeed's bf16 optimizer) link the fragments once, after the first
+            # group's first step, so the second group (igpt's no-decay parameters) was linked to an empty state: link
+            # again now that every group has its state
+            self.optimizer._hp_optimizer_states_linked = False
+            link()
+
+    def _adam_step(self) -> int:
+        inner = self.optimizer.optimizer
+        steps = {int(float(st["step"])) for st in inner.state.values() if "step" in st}
+        if len(steps) > 1:
+            raise RuntimeError(f"{self.strategy.name}: AdamW's partitions are at different steps {sorted(steps)}")
+        return steps.pop() if steps else 0
+
+    def save(self, ckpt_dir: str) -> list[str]:
+        """``model.safetensors`` (fp32 master weights) and ``optimizer.safetensors`` (AdamW's ``exp_avg`` and
+        ``exp_avg_sq`` per parameter, the step in its metadata): whole tensors under the plain model's names, which do
+        not depend on the world size or the ZeRO stage. Each parameter is gathered in turn (collective) and rank 0
+        streams it to disk, so no rank holds more than one full tensor beyond its partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        from igpt.checkpoint import SafetensorsWriter
 
         assert self.engine is not None and self.optimizer is not None, f"model {self.name!r} is frozen"
-        state = self.full_state_dict()
-        if self.strategy.rank == 0:
-            state = savable_state(self.module, state)
-            save_file(state, os.path.join(ckpt_dir, "model.safetensors"), metadata={"format": "pt"})
-        self.engine.save_checkpoint(os.path.join(ckpt_dir, DS_DIR), tag=DS_TAG, save_latest=False)
-        return ["model.safetensors", DS_DIR]
+        self._ensure_optimizer_state()
+        params = [(n, p, tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape))
+                  for n, p in self._named_params()]
+        main = self.strategy.rank == 0
+        if main:
+            weights = SafetensorsWriter(os.path.join(ckpt_dir, "model.safetensors"),
+                                        [(n, torch.float32, shape) for n, _, shape in params])
+            optim = SafetensorsWriter(os.path.join(ckpt_dir, OPTIM_FILE),
+                                      [(f"{key}.{n}", torch.float32, shape)
+                                       for n, _, shape in params for key in ADAM_KEYS],
+                                      {"step": str(self._adam_step()), "stage": str(self.strategy.stage),
+                                       "world_size": str(self.strategy.world_size)})
+        for name, p, shape in params:
+            full = safe_get_full_fp32_param(p)  # gathers the ZeRO partitions (collective)
+            if full is None:
+                raise RuntimeError(f"{self.strategy.name}: parameter {name} has no DeepSpeed fp32 master copy")
+            if main:
+                weights.write(name, full.float().reshape(shape))
+            del full
+            for key in ADAM_KEYS:
+                state = safe_get_full_optimizer_state(p, key)  # collective too
+                if main:
+                    optim.write(f"{key}.{name}", state.float().reshape(shape))
+        if main:
+            weights.close()
+            optim.close()
+        return ["model.safetensors", OPTIM_FILE]
 
     def load(self, ckpt_dir: str, meta: dict[str, Any]) -> None:
-        """Resume from a checkpoint this strategy wrote at this world size (a clear error otherwise)."""
+        """Resume from a ZeRO checkpoint written at any world size and stage: every parameter's fp32 master weights
+        and AdamW state are read whole, one parameter at a time, and each rank keeps its partition
+        (``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``); the compute weights follow the master
+        weights. Older checkpoints with only DeepSpeed's own per-rank files (``deepspeed/``) resume at their world
+        size."""
         strategy = self.strategy
         assert self.engine is not None, f"model {self.name!r} is frozen: nothing to resume"
+        zero = str(meta.get("strategy") or "").startswith("zero")
+        if zero and os.path.exists(os.path.join(ckpt_dir, OPTIM_FILE)):
+            self._load_universal(ckpt_dir)
+            return
         ds_dir = os.path.join(ckpt_dir, DS_DIR)
-        if meta.get("strategy") != strategy.name or not os.path.isdir(ds_dir):
+        if not zero or not os.path.isdir(ds_dir):
             raise FileNotFoundError(
-                f"{ckpt_dir}: written by strategy={meta.get('strategy')}, so it has no DeepSpeed ZeRO-{strategy.stage} "
-                f"state ({ds_dir}) to resume strategy={strategy.name} from. Resume under "
+                f"{ckpt_dir}: written by strategy={meta.get('strategy')}, so it has no ZeRO optimizer state "
+                f"({OPTIM_FILE}) to resume strategy={strategy.name} from. Resume under "
                 f"strategy={meta.get('strategy')}, or start a new run from its weights with init_from={ckpt_dir}"
             )
-        if meta.get("world_size") != strategy.world_size:
+        if meta.get("strategy") != strategy.name or meta.get("world_size") != strategy.world_size:
             raise ValueError(
-                f"{ckpt_dir}: written by {meta.get('world_size')} ranks, resumed on {strategy.world_size}; DeepSpeed's "
-                "ZeRO optimizer partitions are per rank, so an exact resume needs the same world size (use "
-                f"strategy=fsdp to change world size mid-run, or start a new run with init_from={ckpt_dir})"
+                f"{ckpt_dir}: an older ZeRO checkpoint (DeepSpeed's per-rank files in {ds_dir} only) written by "
+                f"strategy={meta.get('strategy')} on {meta.get('world_size')} ranks, resumed by "
+                f"strategy={strategy.name} on {strategy.world_size}; its optimizer partitions are per rank, so it "
+                f"resumes only with the same stage and world size (checkpoints written now resume anywhere), or start "
+                f"a new run with init_from={ckpt_dir}"
             )
         path, _ = self.engine.load_checkpoint(
             ds_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise FileNotFoundError(f"{ds_dir}: DeepSpeed found no checkpoint with tag {DS_TAG!r}")
+
+    @torch.no_grad()
+    def _load_universal(self, ckpt_dir: str) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from safetensors import safe_open
+
+        from igpt.checkpoint import _safetensors_error
+
+        self._ensure_optimizer_state()
+        paths = [os.path.join(ckpt_dir, "model.safetensors"), os.path.join(ckpt_dir, OPTIM_FILE)]
+        handles = []
+        for path in paths:
+            try:
+                handles.append(safe_open(path, framework="pt"))
+            except Exception as e:
+                raise _safetensors_error(path, e) from None
+        fw, fo = handles
+        with fw, fo:
+            step = int(fo.metadata()["step"])
+            names = set(fw.keys())
+            params = self._named_params()
+            missing = [n for n, _ in params if n not in names]
+            if missing:
+                raise ValueError(f"{paths[0]}: no weights for {missing[:5]} (the checkpoint holds another model)")
+            device = self.strategy.device
+            for name, p in params:
+                full = fw.get_tensor(name).to(device)
+                safe_set_full_fp32_param(p, full.view(-1) if self._zero3() else full.view(p.shape))
+                for key in ADAM_KEYS:
+                    value = fo.get_tensor(f"{key}.{name}").to(device)
+                    safe_set_full_optimizer_state(p, value.view(-1) if self._zero3() else value.view(p.shape), key)
+                if self._zero3():  # the compute weights: this rank's partition, from rank 0's gathered copy
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        if self.strategy.rank == 0:
+                            p.data.copy_(full.view(p.shape))
+                else:
+                    p.data.copy_(full.view(p.shape))
+                del full
+        for state in self.optimizer.optimizer.state.values():
+            state["step"].fill_(float(step))
+        log.info("%s: resumed %r from %s (fp32 weights and AdamW state of %d parameters, step %d)",
+                 self.strategy.name, self.name, ckpt_dir, len(params), step)
+
+
+def _forget_stale_world_group() -> None:
+    """DeepSpeed keeps a clone of the world group in a module global; after a process group is destroyed and another
+    made in the same process (several runs in one Python process, as in the tests) the clone belongs to the dead one
+    and every collective on it fails. Let DeepSpeed clone the current world group instead."""
+    from deepspeed.utils import groups
+    from torch.distributed import distributed_c10d as c10d
+
+    if groups._WORLD_GROUP is not None and groups._WORLD_GROUP not in c10d._world.pg_group_ranks:
+        groups._WORLD_GROUP = None
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
@@ -233,15 +369,29 @@ class ZeroStrategy(Strategy):
         self.stage = int(cfg.name.removeprefix("zero"))
         self.sharded = self.stage == 3
         init_single_process_group(device)
+        _forget_stale_world_group()
 
     # ---- setup -----------------------------------------------------------------------------------------------
-    def wrap_model(self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy") -> Wrapped:
+    def wrap_model(
+        self, model: nn.Module, optim_cfg: OptimConfig | None = None, name: str = "policy",
+        init: ModelInit | None = None,
+    ) -> Wrapped:
+        """Place ``model`` in a DeepSpeed engine. A model built on the meta device is filled by ``init``: whole under
+        ZeRO-1/2 (they keep full parameters), under ZeRO-3 only this rank's partitions (``_partition``)."""
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
         trainable = optim_cfg is not None
-        model = self.prepare_model(model.to(self.device), trainable=trainable)
+        config = deepspeed_config(self.cfg, self.precision, self.world_size, self.device)
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))  # DeepSpeed asserts it; unset without torchrun
+        if self.stage == 3 and on_meta(model):
+            if init is None:
+                raise ValueError(f"model {name!r} is on the meta device: wrap_model needs its ModelInit to fill it")
+            model = self.prepare_model(model, trainable=trainable)
+            self._partition(model, init, name, config)
+        else:
+            model = self.prepare_model(self.materialize(model, init, name), trainable=trainable)
         if not trainable and self.stage < 3:
             # ZeRO-1/2 never partition parameters: a replica in the engines' compute dtype computes what they do
             model.requires_grad_(False)
@@ -251,8 +401,6 @@ class ZeroStrategy(Strategy):
         if self.stage == 3 and getattr(model, "lm_head", None) is not None:
             # the fused loss reads lm_head.weight outside lm_head.forward: gather it for the root's forward/backward
             deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
-        config = deepspeed_config(self.cfg, self.precision, self.world_size, self.device)
-        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))  # DeepSpeed asserts it; unset without torchrun
         if trainable:
             engine, optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=build_adamw(model, optim_cfg), config=config, dist_init_required=False
@@ -263,6 +411,27 @@ class ZeroStrategy(Strategy):
         log.info("%s: DeepSpeed ZeRO-%d %s model %r over %d ranks, config %s", self.name, self.stage,
                  "trainable" if trainable else "frozen", name, self.world_size, config)
         return ZeroWrapped(self, name, engine, optimizer)
+
+    def _partition(self, model: nn.Module, init: ModelInit, name: str, config: dict[str, Any]) -> None:
+        """ZeRO-3 partitioning of a meta model before the engine exists: every parameter gets uninitialised memory
+        (``to_empty``: address space, not resident until written), ``deepspeed.zero.Init(module=...)`` converts the
+        parameters one by one into this rank's partition (``ds_tensor``; it broadcasts each one whole from rank 0
+        first, so one full parameter is resident at a time) and frees each full tensor, then ``init`` fills the
+        partitions. The engine then finds the parameters already partitioned, as under ``zero.Init``."""
+        import deepspeed
+
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the engine's dtype for ZeRO-Init
+        model.to(dtype)  # on meta: nothing allocated
+        to_empty(model, self.device)
+        deepspeed.comm.init_distributed(dist_init_required=False)  # what deepspeed.initialize would do first
+        deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=dtype)
+        shards: dict[str, Shard] = {}
+        for pname, p in model.named_parameters():
+            part = p.ds_tensor.ds_numel
+            lo = min(p.ds_numel, self.rank * part)
+            hi = min(p.ds_numel, lo + part)
+            shards[plain_name(pname)] = Shard(tuple(p.ds_shape), lo, hi, p.ds_tensor.data.view(-1)[: hi - lo])
+        init.apply(shards, self.progress_desc(name))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """A no-op: DeepSpeed's bf16 mode already computes in bf16 with fp32 master weights."""

@@ -1,0 +1,95 @@
+"""Mutation checks for the tests that guard a mechanism: resume, the NaN guard, bf16, masked eval batches, checkpoint
+fallback, tied embeddings. Each mutation disables one mechanism in a scratch clone of this repository, runs the tests
+that guard it and prints which fail. Every listed test should FAIL under its mutation (M3b is the exception: it shows
+why the bf16 test asserts the compute dtype) and pass without it. Not collected by pytest; run by hand:
+
+    python tests/mutation_checks.py            # all (about 10 min on 2 cores)
+    python tests/mutation_checks.py M1 M6      # some
+
+The clone is of the committed HEAD, so commit first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MUTATIONS = [
+    ("M1 resume=auto ignored (the second process restarts instead of resuming)",
+     [("igpt/trainer.py", 'if cfg.resume == "auto" and self.is_main', "if False and self.is_main")],
+     ["tests/test_trainer.py::test_resume_equals_uninterrupted_run",
+      "tests/test_strategies.py::test_fsdp_resume_two_ranks_to_one_and_back",
+      "tests/test_strategies.py::test_zero_resume_two_ranks_to_one_and_back[zero2]",
+      "tests/test_dpo.py::test_resume_mid_run_equals_uninterrupted[rm]",
+      "tests/test_ppo.py::test_resume_mid_run_equals_uninterrupted"]),
+    ("M2 a non-finite update applied (skip ignored)",
+     [("igpt/parallel/base.py", "        if not skip:", "        if True:"),
+      ("igpt/parallel/fsdp.py", "        if not skip:", "        if True:")],
+     ["tests/test_nan_guard.py::test_non_finite_step_changes_nothing_and_training_goes_on[single]",
+      "tests/test_nan_guard.py::test_non_finite_step_changes_nothing_and_training_goes_on[fsdp]"]),
+    ("M3 precision=bf16 computing in fp32 (FSDP param_dtype dropped)",
+     [("igpt/parallel/fsdp.py", 'self.param_dtype = _dtype(param_name, "strategy.param_dtype")',
+       "self.param_dtype = None")],
+     ["tests/test_strategies.py::test_bf16_two_ranks_close_to_one_process[fsdp]"]),
+    ("M3b as M3, with the compute_dtype assertion removed (the tolerances alone cannot tell)",
+     [("igpt/parallel/fsdp.py", 'self.param_dtype = _dtype(param_name, "strategy.param_dtype")',
+       "self.param_dtype = None"),
+      ("tests/test_strategies.py",
+       '    assert ref[1]["compute_dtype"] == got[1]["compute_dtype"] == "bfloat16"\n', "")],
+     ["tests/test_strategies.py::test_bf16_two_ranks_close_to_one_process[fsdp]"]),
+    ("M4 a rank out of val data evaluates its last batch again instead of a masked copy",
+     [("igpt/trainer.py", "batch = stage.masked(last if last is not None else loader.padding_batch())",
+       "batch = last if last is not None else stage.masked(loader.padding_batch())")],
+     ["tests/test_strategies.py::test_two_ranks_match_one_process[fsdp]"]),
+    ("M5 checkpoint fallback removed (a broken newest checkpoint restarts the run)",
+     [("igpt/checkpoint.py", "    steps = sorted((int(m.group(1)), d) for d in os.listdir(ckpt_root)",
+       "    return None\n    steps = sorted((int(m.group(1)), d) for d in os.listdir(ckpt_root)")],
+     ["tests/test_trainer.py::test_corrupt_newest_checkpoint_falls_back_to_the_previous_one"]),
+    ("M6 tie_embeddings ignored (untied)",
+     [("igpt/model/transformer.py", "            if cfg.tie_embeddings:\n                self.lm_head.weight",
+       "            if False:\n                self.lm_head.weight")],
+     ["tests/test_strategies.py::test_tied_embeddings_two_ranks_match_one_process",
+      "tests/test_trainer.py::test_tied_embeddings_train_resume_and_store_one_matrix"]),
+]
+
+
+def patch(repo: str, path: str, old: str, new: str) -> None:
+    full = os.path.join(repo, path)
+    with open(full, encoding="utf-8") as f:
+        text = f.read()
+    if old not in text:
+        raise SystemExit(f"{path}: the line to mutate is gone ({old!r}); update tests/mutation_checks.py")
+    with open(full, "w", encoding="utf-8") as f:
+        f.write(text.replace(old, new))
+
+
+def main() -> None:
+    only = sys.argv[1:]
+    repo = tempfile.mkdtemp(prefix="igpt-mutants-")
+    try:
+        subprocess.run(["git", "clone", "-q", HERE, repo], check=True)
+        env = {**os.environ, "PYTHONPATH": repo}
+        for name, patches, tests in MUTATIONS:
+            if only and name.split()[0] not in only:
+                continue
+            subprocess.run(["git", "checkout", "-q", "."], cwd=repo, check=True)
+            for path, old, new in patches:
+                patch(repo, path, old, new)
+            start = time.time()
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
+                                  cwd=repo, env=env, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines()
+                     if line.startswith(("FAILED", "ERROR")) or " passed" in line or " failed" in line]
+            print(f"== {name} ({time.time() - start:.0f} s)", *lines, sep="\n", flush=True)
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# The whole suite (what CI runs, ~16 min on 2 cores); `make test-fast` skips the longer matrix marked `slow`.
+# The whole suite (what CI runs, ~12 min on 2 cores); `make test-fast` skips the longer matrix marked `slow`.
 test: install
 	$(PY) -m pytest -q tests
 

@@ -12,6 +12,7 @@ The clone is of the committed HEAD, so commit first.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def main() -> None:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
                                   cwd=repo, env=env, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines()
-                     if line.startswith(("FAILED", "ERROR")) or " passed" in line or " failed" in line]
+                     if line.startswith(("FAILED", "ERROR")) or re.match(r"\d+ (passed|failed)", line)]
             print(f"== {name} ({time.time() - start:.0f} s)", *lines, sep="\n", flush=True)
     finally:
         shutil.rmtree(repo, ignore_errors=True)

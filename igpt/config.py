@@ -7,7 +7,9 @@ past that check, so ``validate`` re-checks the composed config against the schem
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,6 +269,20 @@ CHOICES = {
 
 
 _CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def import_callable(spec: str, key: str, expected: str = "of the form module:function") -> Callable:
+    """``package.module:function`` -> the callable; ValueError naming the config ``key``, ``spec`` and what failed."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{key}: {spec!r} is not {expected}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{key}: cannot import {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ValueError(f"{key}: {spec!r} is not callable")
+    return fn
 
 
 def model_overrides(model: ModelConfig) -> dict[str, Any]:

@@ -17,7 +17,6 @@ takes any TRL-style reward function instead.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -111,13 +110,6 @@ def load_scorer(spec: str, device: str = "cpu", batch_size: int = 8) -> Scorer:
     """A scorer from ``judge=``: a reward-model checkpoint or run dir, or ``package.module:function``."""
     if os.path.isdir(spec):
         return reward_model_scorer(spec, device, batch_size)
-    module, sep, name = spec.partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"judge={spec!r}: expected a reward-model checkpoint dir or module:function")
-    try:
-        func = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"judge={spec!r}: cannot import {name} from {module} ({e})") from None
-    if not callable(func):
-        raise ValueError(f"judge={spec!r}: {module}.{name} is not callable")
-    return func
+    from igpt.config import import_callable
+
+    return import_callable(spec, "judge", "a reward-model checkpoint dir, nor of the form module:function")

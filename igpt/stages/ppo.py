@@ -37,7 +37,6 @@ Validation: greedy responses to the val prompts, ``objective/scores`` (their mea
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.config import OptimConfig
+from igpt.config import OptimConfig, import_callable
 from igpt.model.outputs import Hidden, TokenLogProbs, TokenStats
 from igpt.stages.base import ModelSpec, Stage
 from igpt.stages.ppo_math import (
@@ -68,16 +67,7 @@ log = logging.getLogger("igpt")
 
 def load_reward_function(spec: str) -> Callable:
     """``module:function`` -> the callable (an error naming ``reward.functions`` and what failed)."""
-    module, sep, name = spec.partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"reward.functions: {spec!r} is not of the form module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward.functions: cannot import {spec!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise ValueError(f"reward.functions: {spec!r} is not callable")
-    return fn
+    return import_callable(spec, "reward.functions")
 
 
 class PromptRecords:

@@ -295,9 +295,9 @@ class Trainer:
         precision or DeepSpeed's bf16 all show there), once, for the log and the first train record."""
         self.compute_dtype: str | None = None
         module = next(iter(self.trainable.values())).module
-        # the main model's parameter count, each shared (tied) matrix once, whole even when sharded (FSDP's DTensor
-        # numel is global; a ZeRO-3 parameter keeps its full size in ds_numel)
-        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in module.parameters()}.values())
+        # the main model's parameter count: parameters() yields a shared (tied) matrix once; whole even when sharded
+        # (FSDP's DTensor numel is global; a ZeRO-3 parameter keeps its full size in ds_numel)
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
         first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
 
         def hook(mod, args, out) -> None:

@@ -258,7 +258,8 @@ class Transformer(nn.Module):
 
     @property
     def tied(self) -> bool:
-        """True when ``lm_head.weight`` is ``embed_tokens.weight``."""
+        """True when ``lm_head.weight`` is ``embed_tokens.weight``: the config ties them, and the constructor and every
+        step that gives parameters new storage (``to_empty``, loads with ``assign``) ties them again."""
         return self.head == "lm" and self.cfg.tie_embeddings
 
     def init_plan(self) -> list[tuple[str, Draw]]:

@@ -53,10 +53,8 @@ MUTATIONS = [
        "    return None\n    steps = sorted((int(m.group(1)), d) for d in os.listdir(ckpt_root)")],
      ["tests/test_trainer.py::test_corrupt_newest_checkpoint_falls_back_to_the_previous_one"]),
     ("M6 tie_embeddings ignored (untied)",
-     [("igpt/model/transformer.py", "            if cfg.tie_embeddings:\n                self.lm_head.weight",
-       "            if False:\n                self.lm_head.weight"),
-      # every place that re-ties after to_empty or a load asks ``tied``
-      ("igpt/model/transformer.py", 'return self.head == "lm" and self.cfg.tie_embeddings', "return False")],
+     # the one switch: the constructor, the init plan and every re-tie after to_empty or a load ask ``tied``
+     [("igpt/model/transformer.py", 'return self.head == "lm" and self.cfg.tie_embeddings', "return False")],
      ["tests/test_strategies.py::test_tied_embeddings_two_ranks_match_one_process",
       "tests/test_trainer.py::test_tied_embeddings_train_resume_and_store_one_matrix"]),
 ]

@@ -250,7 +250,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if head == "lm":
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-            if cfg.tie_embeddings:
+            if self.tied:
                 self.lm_head.weight = self.embed_tokens.weight
         else:
             self.score = nn.Linear(cfg.dim, 1, bias=False)
@@ -258,8 +258,9 @@ class Transformer(nn.Module):
 
     @property
     def tied(self) -> bool:
-        """True when ``lm_head.weight`` is ``embed_tokens.weight``: the config ties them, and the constructor and every
-        step that gives parameters new storage (``to_empty``, loads with ``assign``) ties them again."""
+        """True when ``lm_head.weight`` is ``embed_tokens.weight``: the config ties them. The one switch: the
+        constructor, the init plan and every step that gives parameters new storage (``to_empty``, loads with
+        ``assign``) ask it."""
         return self.head == "lm" and self.cfg.tie_embeddings
 
     def init_plan(self) -> list[tuple[str, Draw]]:
@@ -271,7 +272,7 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         plan = [("embed_tokens.weight", Draw("normal", 0.0, std))]
-        if self.head == "lm" and not self.cfg.tie_embeddings:
+        if self.head == "lm" and not self.tied:
             plan.append(("lm_head.weight", Draw("normal", 0.0, std)))
         for i, block in enumerate(self.layers):
             pre = f"layers.{i}."

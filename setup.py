@@ -1,10 +1,26 @@
 """igpt: train InstructGPT-style language models end to end (pretrain, SFT, reward model, DPO, PPO).
 
-The Triton kernels live in the top-level folder ``kernels/`` and install as the subpackage ``igpt.kernels``
-(``package_dir``), so that the top-level name ``kernels`` never clashes with the unrelated PyPI package.
+The Triton kernels live in the top-level folder ``kernels/`` and install as the subpackage ``igpt.kernels``. That folder
+has no ``__init__.py`` (the package's lives in ``igpt/kernels/``), so that ``import kernels`` from the repository root
+finds the unrelated PyPI package ``kernels`` (which transformers imports), never igpt's kernels. Wheels put both in
+``igpt/kernels/``; an editable install maps ``igpt.kernels`` to the top-level folder (see docs/internals.md).
 """
 
+import os
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """igpt.kernels is built from two folders: its ``__init__.py`` in igpt/kernels/, its modules in kernels/."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "igpt.kernels":
+            modules.append((package, "__init__", os.path.join("igpt", "kernels", "__init__.py")))
+        return modules
+
 
 # igpt.eval's metrics and baselines, and the lm-evaluation-harness backend (igpt.lm_eval). lm_eval 0.4.13 needs no
 # particular torch: the one the Makefile pins is kept.
@@ -48,4 +64,5 @@ setup(
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["igpt-train=igpt.train:main"]},
+    cmdclass={"build_py": BuildPy},
 )

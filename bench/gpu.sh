@@ -17,7 +17,7 @@
 # Steps, each given a share of the time budget (IGPT_GPU_BUDGET_S, default 460 s):
 # 1. environment: versions, GPU, the wheels, the imports; igpt is imported from this checkout through a package shim
 #    (igpt/ plus kernels/ as igpt.kernels, which is what setup.py's package_dir does) without installing it;
-# 2. bench/kernels.py: correctness at full sizes; attention forward and forward+backward TFLOP/s against torch
+# 2. bench/kernel_speed.py: correctness at full sizes; attention forward and forward+backward TFLOP/s against torch
 #    SDPA-flash, SDPA-cuDNN and the flash-attn package when installed (causal, bf16, S = 1k..16k, D = 128 and 64);
 #    linear + cross-entropy time and peak memory against torch eager and torch.compile (V = 32k and 128k, 16k tokens);
 # 3. bench/train_gpu.py: gpt2_124m and llama_1b through igpt/train.py (bf16, strategy=fsdp), Triton kernels against
@@ -139,12 +139,12 @@ if [[ $DRY == 1 ]]; then
 fi
 
 # ---- 2. kernels: correctness, attention speed, cross-entropy speed and memory ----------------------------------------
-echo "== bench/kernels.py ($(left)s left) ==" | log gpu.log
+echo "== bench/kernel_speed.py ($(left)s left) ==" | log gpu.log
 # Sections stop starting rows after --budget-s; the training runs get the rest.
 KB=$(((BUDGET * 40 / 100) - SECONDS))
-if ! timeout --kill-after=10 $((KB + 90)) "$PY" bench/kernels.py --budget-s "$KB" "${DRY_ARGS[@]}" 2>&1 |
+if ! timeout --kill-after=10 $((KB + 90)) "$PY" bench/kernel_speed.py --budget-s "$KB" "${DRY_ARGS[@]}" 2>&1 |
     log bench.log; then
-    FAILED+=("bench/kernels.py")
+    FAILED+=("bench/kernel_speed.py")
 fi
 
 # ---- 3. training throughput ------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ if [[ $DRY == 0 ]]; then
     T=$(left)
     echo "== kernel tests compiled on CUDA (${T}s left) ==" | log gpu.log
     if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
-        echo "pytest is not installed: kernel tests skipped (bench/kernels.py checked correctness)" | log tests.log
+        echo "pytest is not installed: kernel tests skipped (bench/kernel_speed.py checked correctness)" | log tests.log
     elif ((T < 30)); then
         echo "no time left for the kernel tests" | log tests.log
     else

@@ -19,11 +19,17 @@ import os
 import sys
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig
-from torch.distributed.elastic.multiprocessing.errors import record
+# `python igpt/train.py` (and torchrun) put this file's folder first on sys.path, where igpt's own module names
+# (kernels, lm_eval, data, eval, ...) would shadow installed packages of the same name. Put the working directory there
+# instead, as `python -m` does, so user modules such as `reward.functions=[my_rewards:fn]` import from it.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.getcwd()
 
-from igpt.config import Config, register, validate
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from igpt.config import Config, register, validate  # noqa: E402
 
 register()
 log = logging.getLogger("igpt")

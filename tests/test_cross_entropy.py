@@ -195,7 +195,7 @@ def test_fused_retain_graph_second_backward_is_an_error():
         loss.backward()
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="CPU autocast case; CUDA autocast is covered by bench/kernels.py")
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU autocast case; CUDA autocast is covered by bench/kernel_speed.py")
 def test_fused_under_autocast_casts_like_linear():
     g = torch.Generator().manual_seed(10)
     hidden = torch.randn(20, 32, generator=g, requires_grad=True)

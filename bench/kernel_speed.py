@@ -1,7 +1,7 @@
 """One-shot GPU check of igpt's Triton kernels: correctness at full sizes, then speed and memory against torch.
 
-    python bench/kernels.py [--budget-s 200] [--quick] [--full] [--skip correctness,loss,attention]
-    python bench/kernels.py --dry-run     # no GPU: CPU, Triton interpreter, tiny sizes; checks the plumbing only
+    python bench/kernel_speed.py [--budget-s 200] [--quick] [--full] [--skip correctness,loss,attention]
+    python bench/kernel_speed.py --dry-run     # no GPU: CPU, Triton interpreter, tiny sizes; checks the plumbing only
 
 Imports only torch, triton and igpt.kernels (flash-attn when installed), so it runs on a bare GPU machine. Prints
 three tables:
@@ -446,7 +446,7 @@ def main() -> int:
         print(f"dry run on CPU (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}); torch {torch.__version__}, "
               f"triton {triton.__version__}: sizes are tiny and the numbers mean nothing", flush=True)  # fmt: skip
     elif not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks the plumbing "
+        print("bench/kernel_speed.py needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks the plumbing "
               "on CPU", file=sys.stderr)  # fmt: skip
         return 2
     else:

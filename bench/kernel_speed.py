@@ -39,6 +39,7 @@ if DRY_RUN:  # Triton reads this when the kernels are defined, so before igpt.ke
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+
 from igpt.kernels import cross_entropy, flash_attn_func, flash_attn_varlen_func, fused_linear_cross_entropy  # noqa: E402
 from igpt.kernels.reference import (  # noqa: E402
     attention_ref,
@@ -446,8 +447,8 @@ def main() -> int:
         print(f"dry run on CPU (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}); torch {torch.__version__}, "
               f"triton {triton.__version__}: sizes are tiny and the numbers mean nothing", flush=True)  # fmt: skip
     elif not torch.cuda.is_available():
-        print("bench/kernel_speed.py needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks the plumbing "
-              "on CPU", file=sys.stderr)  # fmt: skip
+        print("bench/kernel_speed.py needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks the "
+              "plumbing on CPU", file=sys.stderr)  # fmt: skip
         return 2
     else:
         props = torch.cuda.get_device_properties(0)

@@ -16,13 +16,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from igpt.cli import parse
+from igpt.errors import IgptError
 from igpt.generate import (
     SAMPLING_SPEC,
     encode_prompt,
     generate_ids,
     is_chat_checkpoint,
     load_checkpoint,
-    parse_kv_args,
     resolve_device,
 )
 
@@ -67,10 +68,10 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     argv = sys.argv[1:] if argv is None else list(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     try:
-        args = parse_kv_args(argv, {k: v for k, v in SAMPLING_SPEC.items() if k != "chat"}, "igpt.chat")
+        args = parse(argv, {k: v for k, v in SAMPLING_SPEC.items() if k != "chat"}, "igpt.chat", __doc__)
         model, tokenizer, meta = load_checkpoint(args["checkpoint"], resolve_device(args["device"]))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (IgptError, ValueError, FileNotFoundError) as e:
+        print(f"igpt.chat: error: {e}", file=sys.stderr)
         return 2
     if not is_chat_checkpoint(meta, tokenizer):
         log.warning("checkpoint stage is %r: it was not trained on the chat format", meta.get("stage"))

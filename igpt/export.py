@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
-from igpt.generate import is_chat_checkpoint, load_checkpoint, parse_kv_args
+from igpt.cli import parse
+from igpt.errors import IgptError
+from igpt.generate import is_chat_checkpoint, load_checkpoint
 from igpt.model import Transformer
 
 log = logging.getLogger("igpt")
@@ -204,13 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = {"checkpoint": (str, ...), "output": (str, ...), "chat": (str, "auto"), "dtype": (str, "auto"),
             "max_shard_size": (str, "5GB")}
     try:
-        args = parse_kv_args(argv, spec, "igpt.export")
+        args = parse(argv, spec, "igpt.export", __doc__)
         if args["chat"] not in ("auto", "true", "false"):
             raise ValueError(f"igpt.export: chat={args['chat']!r}: expected auto, true or false")
         chat = None if args["chat"] == "auto" else args["chat"] == "true"
         out = export(args["checkpoint"], args["output"], chat, args["dtype"], args["max_shard_size"])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (IgptError, ValueError, FileNotFoundError) as e:
+        print(f"igpt.export: error: {e}", file=sys.stderr)
         return 2
     print(out)
     return 0

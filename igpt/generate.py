@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from igpt.cli import parse
+from igpt.errors import IgptError
 from igpt.model import Transformer
 from igpt.sampling import (  # noqa: F401 - the public generation API, importable from here as before
     Prompt,
@@ -56,38 +58,6 @@ def is_chat_checkpoint(meta: dict[str, Any], tokenizer: Any = None) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
-def parse_kv_args(argv: Sequence[str], spec: dict[str, tuple[type, Any]], prog: str) -> dict[str, Any]:
-    """Parse ``key=value`` arguments against ``spec`` (key -> (type, default; ``...`` = required)).
-
-    Raises ``ValueError`` naming an unknown key (and the accepted ones), a malformed argument, a value of the wrong
-    type or a missing required key.
-    """
-    out: dict[str, Any] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ValueError(f"{prog}: argument {arg!r} is not key=value")
-        key = key.lstrip("+")
-        if key not in spec:
-            raise ValueError(f"{prog}: unknown key {key!r}; accepted keys: {', '.join(spec)}")
-        typ = spec[key][0]
-        try:
-            if typ is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                out[key] = value.lower() in ("true", "1", "yes")
-            else:
-                out[key] = typ(value)
-        except ValueError:
-            raise ValueError(f"{prog}: {key}={value!r} is not a valid {typ.__name__}") from None
-    for key, (_, default) in spec.items():
-        if key not in out:
-            if default is ...:
-                raise ValueError(f"{prog}: {key}=<value> is required")
-            out[key] = default
-    return out
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,7 +131,7 @@ def _valid_messages(messages: Any) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_kv_args(argv, GENERATE_SPEC, "igpt.generate")
+        args = parse(argv, GENERATE_SPEC, "igpt.generate", __doc__)
         if (args["prompt"] is None) == (args["input"] is None):
             raise ValueError('igpt.generate: give exactly one of prompt="..." or input=<in.jsonl> output=<out.jsonl>')
         if args["input"] is not None and args["output"] is None:
@@ -170,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = _read_jsonl(args["input"]) if args["input"] is not None else None
         model, tokenizer, meta = load_checkpoint(args["checkpoint"], device)
         chat = resolve_chat(args["chat"], meta, tokenizer)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (IgptError, ValueError, FileNotFoundError) as e:
+        print(f"igpt.generate: error: {e}", file=sys.stderr)
         return 2
     sampling = {k: args[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "system")}
     if rows is None:

@@ -281,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     register()
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--device" or a.startswith("--device=") for a in args):
+        # lm_eval's own default is cuda:0, which would override igpt's device=auto on a machine without CUDA
+        args += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    sys.argv = ["lm-eval", *args]
     cli_evaluate()
 
 

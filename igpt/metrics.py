@@ -56,13 +56,13 @@ class MetricsLogger:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.file = open(self.path, "a", encoding="utf-8")
         self._step_file = os.path.join(run_dir, "wandb_step")
-        self._wandb_sent = 0  # the last step sent to W&B
-        self._wandb_had = 0  # the last step W&B had from an earlier attempt of this run: not sent again
+        self._wandb_sent = -1  # the last step sent to W&B (step 0 is trainer.eval_at_start's evaluation)
+        self._wandb_had = -1  # the last step W&B had from an earlier attempt of this run: not sent again
         if wandb_cfg.mode != "disabled":
             self.wandb = _init_wandb(run_dir, config, wandb_cfg, resuming=start_step > 0)
             if start_step > 0 and os.path.exists(self._step_file):
                 with open(self._step_file, encoding="utf-8") as f:
-                    self._wandb_had = self._wandb_sent = int(f.read().strip() or 0)
+                    self._wandb_had = self._wandb_sent = int(f.read().strip() or -1)
                 if self._wandb_had > start_step:
                     log.info("W&B already has steps %d..%d of this run; they are not logged again",
                              start_step + 1, self._wandb_had)  # fmt: skip

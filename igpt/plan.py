@@ -68,6 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
+from igpt.cli import spec_of, usage, wants_help
 from igpt.config import Config, ModelConfig, validate
 
 GiB = 2**30
@@ -525,6 +526,10 @@ def report(plan: Plan) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):  # the planner's keys, then any training override (python igpt/train.py --help lists those)
+        spec = {k: v for k, v in spec_of(make_plan, skip=("cfg",)).items() if k in PLAN_KEYS}
+        print(usage("igpt.plan", spec, __doc__).replace(" [", " [<training overrides>] [", 1))
+        return
     try:
         cfg, plan_args = compose(argv)
         print(report(make_plan(cfg, **plan_args)))

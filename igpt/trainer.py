@@ -208,8 +208,11 @@ class Trainer:
         new rows are added on load), or ``cfg.model`` for a model without a source."""
         from dataclasses import replace
 
-        if not spec.init:
-            return self.cfg.model
+        if not spec.init:  # a new model: room for every token of the data's tokenizer, whatever model= says
+            if self.vocab_size > self.cfg.model.vocab_size:
+                log.info("model.vocab_size: %d -> %d, the vocabulary of the data's tokenizer (%s)",
+                         self.cfg.model.vocab_size, self.vocab_size, self.tokenizer_path)
+            return replace(self.cfg.model, vocab_size=max(self.cfg.model.vocab_size, self.vocab_size))
         cfg = self.weights_source(spec).model
         return replace(cfg, vocab_size=max(cfg.vocab_size, self.vocab_size))
 

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
 from igpt.kernels import cross_entropy, fused_linear_cross_entropy  # noqa: E402
 from igpt.kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
 from igpt.kernels.reference import cross_entropy_ref, linear_cross_entropy_ref  # noqa: E402

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
+
 from igpt.kernels import KernelUnavailableError, flash_attn_func, flash_attn_varlen_func, triton_available  # noqa: E402
 from igpt.kernels.reference import attention_ref, attention_varlen_ref  # noqa: E402
 

@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 import triton
+
 from igpt.kernels import aot
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

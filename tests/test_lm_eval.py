@@ -141,12 +141,13 @@ def test_igpt_backend_equals_hf_backend_on_export(exported):
 
 
 def test_cli_registers_model_and_hands_over_to_lm_eval(exported):
+    """As documented, without --device: lm_eval's own default (cuda:0) must not override igpt's device=auto."""
     out = exported["root"] / "cli_out"
     env = {**os.environ, **OFFLINE}
     proc = subprocess.run(
         [sys.executable, "-m", "igpt.lm_eval", "--model", "igpt",
          "--model_args", f"checkpoint={exported['run']},batch_size=4", "--tasks", "igpt_choice",
-         "--include_path", exported["tasks"], "--output_path", str(out), "--device", "cpu", "--limit", "3"],
+         "--include_path", exported["tasks"], "--output_path", str(out), "--limit", "3"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -165,7 +165,7 @@ def test_wandb_offline_read_back(prepared_text_dir, prepared_sft_dir, tmp_path):
     run_dir = str(tmp_path / "wb")
     args = base(prepared_text_dir, run_dir, "trainer.max_steps=8", "trainer.eval_every=4", "trainer.ckpt_every=4",
                 "logger.wandb.mode=offline", "trainer.sample_every_eval=true", "trainer.sample_max_new_tokens=8",
-                "logger.wandb.log_model=true")
+                "logger.wandb.log_model=true", "trainer.eval_at_start=true")
     trainer = make_trainer(args)
     step_fn = trainer.train_step
 
@@ -191,8 +191,10 @@ def test_wandb_offline_read_back(prepared_text_dir, prepared_sft_dir, tmp_path):
     assert first["run"].run_group == resumed["run"].run_group == "wb" and first["run"].job_type == "pretrain"
     config = {i.key: json.loads(i.value_json) for i in resumed["run"].config.update}
     assert config["trainer"]["max_steps"] == 8 and config["model"]["dim"] == 64
-    # every step once across both launches: W&B keeps steps 5 and 6 from the first, the resumed run adds 7 and 8
-    assert first["steps"] == list(range(1, 7)) and resumed["steps"] == [7, 8]
+    # every step once across both launches: W&B keeps steps 5 and 6 from the first, the resumed run adds 7 and 8;
+    # step 0 is trainer.eval_at_start's evaluation (W&B once dropped it)
+    assert first["steps"] == list(range(0, 7)) and resumed["steps"] == [7, 8]
+    assert float(first["history"][0]["eval/bpb"]) == pytest.approx(read_metrics(run_dir, "val")[0]["bpb"], rel=1e-9)
     history = {**first["history"], **resumed["history"]}
     ref = read_metrics(run_dir)  # the last record per step: the resumed run's, equal to the first's (exact resume)
     for step in range(1, 9):

@@ -33,10 +33,9 @@ import glob
 import json
 import os
 import sys
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 from igpt.data.chat import Message, validate_messages
 
@@ -432,61 +431,25 @@ def _columns(path: str, names: Sequence[str], wanted: Sequence[str] | None) -> l
 
 
 # ------------------------------------------------------------------------------------------------- key=value arguments
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _convert(key: str, value: str, hint: Any) -> Any:
-    if get_origin(hint) in (Union, types.UnionType):  # X | None, or str | Sequence[str]
-        if value.lower() in {"null", "none", "~"}:
-            return None
-        hint = next(a for a in get_args(hint) if a is not type(None))
-    try:
-        if hint is bool:
-            if value.lower() in _TRUE:
-                return True
-            if value.lower() in _FALSE:
-                return False
-            raise ValueError
-        if hint is int:
-            return int(value.replace("_", ""))
-        if hint is float:
-            return float(value)
-    except ValueError:
-        raise SystemExit(f"error: {key}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
-    return value
-
-
 def parse_args(
     argv: Sequence[str], func: Any, prog: str, required: Sequence[str] = (), doc: str | None = None
 ) -> dict[str, Any]:
-    """Parse Hydra-style ``key=value`` arguments against ``func``'s keyword parameters (their type hints convert).
+    """Parse ``key=value`` arguments against ``func``'s keyword parameters with :func:`igpt.cli.parse` (their type
+    hints convert; ``--help`` lists every key with its default, then ``doc``, default ``func``'s docstring).
 
-    Unknown keys, missing required keys and bad values exit with a message naming the key; ``--help`` prints usage
-    and ``doc`` (default: ``func``'s docstring).
+    Unknown keys, missing required keys and bad values exit with a message naming the key, and the usage line.
+    Returns only the keys given (the function's defaults apply to the rest).
     """
-    import inspect
+    from igpt.cli import parse, spec_of, usage
+    from igpt.errors import ConfigError
 
-    params = {n: p for n, p in inspect.signature(func).parameters.items() if n != "self"}
-    hints = get_type_hints(func)
-    usage = f"usage: python -m {prog} " + " ".join(
-        f"{n}=<{n}>" if n in required else f"[{n}={p.default!r}]" for n, p in params.items() if n not in ("progress",)
-    )
-    out: dict[str, Any] = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(usage + "\n\n" + (doc or func.__doc__ or ""))
-            raise SystemExit(0)
-        key, eq, value = arg.partition("=")
-        key = key.lstrip("+")
-        if not eq:
-            raise SystemExit(f"error: argument {arg!r} is not key=value\n{usage}")
-        if key not in params:
-            raise SystemExit(f"error: unknown key {key!r}; expected one of {', '.join(params)}\n{usage}")
-        out[key] = _convert(key, value, hints.get(key, str))
-    missing = [k for k in required if k not in out]
-    if missing:
-        raise SystemExit(f"error: missing {', '.join(f'{k}=<value>' for k in missing)}\n{usage}")
-    return out
+    spec = spec_of(func, required)
+    given = {a.partition("=")[0].lstrip("+") for a in argv}
+    try:
+        args = parse(argv, spec, prog, doc or func.__doc__ or "")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}\n{usage(prog, spec).splitlines()[0]}") from None
+    return {k: v for k, v in args.items() if k in given}
 
 
 def unescape(value: str) -> str:

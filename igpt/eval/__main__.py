@@ -64,16 +64,15 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from igpt.cli import parse
+    from igpt.errors import IgptError
     from igpt.eval.preference import load_scorer
     from igpt.eval.runner import evaluate, load_tasks
-    from igpt.generate import load_checkpoint, parse_kv_args, resolve_chat, resolve_device
+    from igpt.generate import load_checkpoint, resolve_chat, resolve_device
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     try:
-        args = parse_kv_args(argv, SPEC, "igpt.eval")
+        args = parse(argv, SPEC, "igpt.eval", __doc__)
         if args["batch_size"] < 1 or args["max_new_tokens"] < 1:
             raise ValueError("igpt.eval: batch_size and max_new_tokens must be >= 1")
         tasks = load_tasks(args["tasks"])  # bad records fail before any model is loaded
@@ -87,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             normalize=args["normalize"], system=args["system"], judge=judge, reference_model=reference,
             baselines=args["baselines"], progress=sys.stderr.isatty(),
         )
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (IgptError, ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"igpt.eval: error: {e}", file=sys.stderr)
         return 2
     label = f"igpt {args['checkpoint']} (step {meta.get('step')}, {meta.get('stage')})"
     for name, entry in results.items():

@@ -1,4 +1,4 @@
-"""igpt's Triton kernels, ``igpt.kernels``: flash attention and fused cross-entropy (the modules: top-level ``kernels/``).
+"""igpt's Triton kernels, ``igpt.kernels``: flash attention and fused cross-entropy (modules in ``kernels/``).
 
 Call forms follow the ``flash_attn`` package and Liger-Kernel so attention and loss backends swap freely:
 

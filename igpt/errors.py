@@ -34,3 +34,16 @@ class MissingPathError(IgptError, FileNotFoundError):
 
 class MissingExtraError(IgptError, ImportError):
     """A feature needs an optional dependency that is not installed (the message names the pip extra)."""
+
+
+def require(module: str, extra: str, feature: str):
+    """Import ``module`` for ``feature``; :class:`MissingExtraError` naming the pip extra that installs it otherwise."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f"{feature} needs the package {module.split('.')[0]!r}, which is not installed ({e}); "
+            f"install it with: pip install 'igpt[{extra}]'"
+        ) from None

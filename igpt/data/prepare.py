@@ -87,6 +87,7 @@ from igpt.data.formats import (
 )
 from igpt.data.kinds import KIND_FIELDS, KINDS
 from igpt.data.tokenizer import vocab_size
+from igpt.errors import IgptError
 
 TASK_CHARS = 1 << 20  # text per worker task
 TASK_RECORDS = 256  # records per worker task
@@ -518,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         index = prepare(**args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (IgptError, ValueError, FileNotFoundError, FileExistsError) as e:
         fail(prog, e)
     elapsed = time.perf_counter() - start
     total_bytes = sum(s["bytes"] for s in index["splits"].values())

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from igpt.data.chat import SPECIAL_TOKENS
 from igpt.data.formats import chunk_text, expand_inputs, fail, parse_args, read_text
+from igpt.errors import IgptError
 
 if TYPE_CHECKING:
     import torch
@@ -164,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         tok = train_tokenizer(**args)
-    except (ValueError, FileNotFoundError) as e:
+    except (IgptError, ValueError, FileNotFoundError) as e:
         fail(prog, e)
     print(f"wrote {args['output']}: {tok.get_vocab_size()} tokens in {time.perf_counter() - start:.1f}s")
 

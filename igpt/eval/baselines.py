@@ -68,6 +68,9 @@ def tfidf_logreg(
     seed: int = 0,
 ):
     """Metrics of TF-IDF + logistic regression (module docstring)."""
+    from igpt.errors import require
+
+    require("sklearn", "eval", "igpt.eval's baselines=")
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score

@@ -65,7 +65,9 @@ def classification_metrics(
 
     ``label_set`` (default: the targets) bounds the classes: predictions outside it belong to no class.
     """
-    from sklearn.metrics import precision_recall_fscore_support
+    from igpt.errors import require
+
+    precision_recall_fscore_support = require("sklearn.metrics", "eval", "macro-F1").precision_recall_fscore_support
 
     if len(y_true) != len(y_pred) or not y_true:
         raise ValueError(f"need as many predictions as targets, at least one: got {len(y_pred)} and {len(y_true)}")

@@ -6,7 +6,15 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch on CPU-only machines; on a GPU machine run e.g. `make install TORCH=torch==2.13.0` with the
 # CUDA index configured in pip, or install torch first (an installed torch that satisfies setup.py is kept).
 TORCH  ?= torch==2.13.0
+# The Triton that the CPU suite's interpreter runs; with a CUDA torch, `TRITON=` keeps the one that torch requires.
+TRITON ?= triton==3.9.0
 STAMP  := $(VENV)/.installed
+# The lock: the exact versions of every other package (the build backend included) that the suite last passed with,
+# as pip constraints. `make lock` refreshes it from the newest releases setup.py allows; `LOCK=` installs without it.
+LOCK   ?= constraints.txt
+LATEST := .venv-latest
+# what the lock leaves to TORCH and TRITON (the accelerator stack differs between CPU and GPU machines)
+UNLOCKED := ^(pip|torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
 
 DEMO      ?= runs/demo
 DEMO_DATA ?= data/demo
@@ -18,16 +26,40 @@ DPO_STEPS      ?= 60
 PPO_STEPS      ?= 30
 TOPICS_STEPS   ?= 60
 
-.PHONY: install test test-fast lint demo demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate \
+.PHONY: install latest-venv test-latest lock test test-fast lint demo demo-data demo-pretrain demo-sft demo-rm demo-dpo demo-ppo demo-generate \
 	demo-eval demo-report clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) $(TORCH) $(TRITON) setuptools
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) --no-build-isolation -e ".[dev]"
 	touch $@
 
 install: $(STAMP)
+
+# A venv of its own with the newest releases setup.py allows (no lock; torch stays $(TORCH), the CPU wheel here).
+latest-venv:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q $(TORCH)   # torch itself stays pinned: unpinned would pull GBs of CUDA
+	$(LATEST)/bin/python -m pip install -q --upgrade setuptools
+	$(LATEST)/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable > $(LATEST)/freeze.txt
+
+# Will the next upstream release break us? The fast subset that touches every third-party integration, against the
+# newest releases. Not part of `make test`: run it before refreshing the lock, and when a dependency releases.
+test-latest: latest-venv
+	@grep -viE '$(UNLOCKED)' $(LATEST)/freeze.txt | sort -f > $(LATEST)/newest.txt
+	@echo "the newest releases against the lock (< $(LOCK), > newest; nothing: no change):"
+	@grep -v '^#' $(LOCK) | sort -f | diff - $(LATEST)/newest.txt | grep '^[<>]' || true
+	$(LATEST)/bin/python -m pytest -q -m integration tests
+
+# Refresh the lock from the newest releases (then run `make test`, and commit constraints.txt if it passes).
+lock: latest-venv
+	@{ echo "# igpt's lock: pip constraints of every package but the torch stack (TORCH, TRITON in the Makefile),"; \
+	   echo "# the versions \`make test\` last passed with. Written by \`make lock\` on $$(date -u +%F); do not edit."; \
+	   grep -viE '$(UNLOCKED)' $(LATEST)/freeze.txt; } > $(LOCK)
+	@echo "wrote $(LOCK): $$(grep -vc '^#' $(LOCK)) packages; now run make test"
 
 # The whole suite (what CI runs, ~12 min on 2 cores); `make test-fast` skips the longer matrix marked `slow`.
 test: install

@@ -21,6 +21,12 @@ pytestmark = pytest.mark.dist
 
 STEPS = 4
 TOL = 1e-5
+# AdamW's update is ~lr*eps/(|g|+eps)^2 sensitive to its gradient, 1e5 times more where |g| is near eps than
+# elsewhere. With the default eps=1e-8 one element's step-1 gradient here, 4 micro-batch terms of ~1e-4, cancels to
+# -9.4e-9, so the fp32 rounding of the sum, which depends on how ranks split and add the micro-batches, moved that
+# weight by 8.8e-6 while every other weight agreed to 1e-8: bitwise the same in every rerun, but another CPU's
+# rounding pushed it past TOL. eps=1e-6 keeps every element's update well-conditioned (sensitivity <= lr/(4 eps)).
+ADAM_EPS = "optim.eps=1e-6"
 KEYS = {"rm": ("loss", "accuracy", "margin"), "dpo": ("loss", "rewards/margins", "logps/chosen")}
 
 
@@ -30,7 +36,7 @@ def overrides(stage: str, data_dir: str, run_dir: str, *extra: str) -> list[str]
         "trainer.seq_len=128", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
         f"trainer.max_steps={STEPS}", f"trainer.eval_every={STEPS}", "trainer.eval_batches=2", "trainer.ckpt_every=0",
         "trainer.progress=false", "trainer.sample_every_eval=false", "logger.wandb.mode=disabled",
-        "optim.warmup_steps=2", "optim.lr=3e-3", "data.num_partitions=4", "rm.norm_batches=2", *extra,
+        "optim.warmup_steps=2", "optim.lr=3e-3", "data.num_partitions=4", "rm.norm_batches=2", ADAM_EPS, *extra,
     ]
 
 
@@ -88,7 +94,7 @@ def ppo_overrides(prompt_dir: str, text_dir: str, rm: str, run_dir: str, *extra:
         "ppo.minibatches=2", f"ptx.data_dir={text_dir}", "ptx.coef=0.5", "kl.target=1.0", "kl.horizon=20",
         "trainer.eval_every=2", "trainer.eval_batches=1", "trainer.ckpt_every=1", "trainer.progress=false",
         "trainer.sample_every_eval=false", "logger.wandb.mode=disabled", "optim.lr=1e-3", "optim.warmup_steps=1",
-        "data.num_partitions=4", *extra,
+        "data.num_partitions=4", ADAM_EPS, *extra,
     ]
 
 

@@ -48,6 +48,7 @@ def random_model(tied: bool, seed: int) -> Transformer:
     return model
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_logits_parity(tmp_path, tokenizer_file, tied):
     model = random_model(tied, seed=int(tied))
@@ -78,6 +79,7 @@ def test_hf_logits_parity(tmp_path, tokenizer_file, tied):
         )
 
 
+@pytest.mark.integration
 def test_hf_tokenizer_and_chat_template(tmp_path, tokenizer_file):
     run = str(tmp_path / "run")
     write_checkpoint(run, random_model(False, seed=3), tokenizer_file, stage="sft")
@@ -101,6 +103,7 @@ def test_hf_tokenizer_and_chat_template(tmp_path, tokenizer_file):
     assert open(os.path.join(out, "chat_template.jinja"), encoding="utf-8").read() == hf_tok.chat_template
 
 
+@pytest.mark.integration
 def test_hf_generate_matches_igpt_greedy(tmp_path, tokenizer_file):
     """A base model continues a plain ``tokenizer(prompt)`` in transformers as igpt continues the prompt."""
     from igpt.generate import generate, generate_ids

@@ -53,6 +53,7 @@ def hf_model(folder: str):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_import_logits_equal_transformers(hub, family):
     model, fmt, meta = load_model(hub[family])

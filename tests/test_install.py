@@ -85,6 +85,7 @@ def _installed_kernels() -> str:
     return os.path.dirname(str(dist.locate_file("kernels/__init__.py")))
 
 
+@pytest.mark.integration
 def test_import_kernels_finds_the_installed_package_from_the_repo_root(tmp_path):
     """From the repository root, `import kernels` is the PyPI package (transformers imports it), never igpt's
     top-level kernels/ folder: in pytest itself, python -c, python -m, python igpt/train.py and torchrun."""
@@ -120,6 +121,7 @@ def test_import_kernels_finds_the_installed_package_from_the_repo_root(tmp_path)
             assert probe["path0"] == REPO, (cmd, probe)
 
 
+@pytest.mark.integration
 def test_no_folder_that_can_start_sys_path_shadows_an_installed_package():
     """Every folder that becomes sys.path[0] (the repository root for python -c/-m and pytest, bench/ and tests/ for
     their scripts, slurm/, conf/) holds no module or regular package named like an installed distribution's

@@ -107,6 +107,7 @@ def _flat(x):
     return [v for item in x for v in (_flat(item) if isinstance(item, (list, tuple)) else [item])]
 
 
+@pytest.mark.integration
 def test_igpt_backend_equals_hf_backend_on_export(exported):
     from igpt.lm_eval import IgptLM
 
@@ -140,6 +141,7 @@ def test_igpt_backend_equals_hf_backend_on_export(exported):
                 assert got == pytest.approx(value, abs=1e-4), (task, metric)
 
 
+@pytest.mark.integration
 def test_cli_registers_model_and_hands_over_to_lm_eval(exported):
     """As documented, without --device: lm_eval's own default (cuda:0) must not override igpt's device=auto."""
     out = exported["root"] / "cli_out"

@@ -485,6 +485,7 @@ def _write_jsonl(path, records):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+@pytest.mark.integration
 def test_parquet_datasets_sharegpt_and_pairs_give_the_jsonl_shards(tmp_path, tok_path):
     """Each format reads into the shards the equivalent JSONL gives (kind=text from {"text"} records, kind=sft from
     messages), with text_field / messages_field naming other columns."""

@@ -39,8 +39,8 @@ def overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
         "+stage=pretrain", f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, "trainer.global_batch_size=8",
         "trainer.micro_batch_size=2", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.ckpt_every=4",
         "trainer.progress=false", "trainer.sample_every_eval=false", "logger.wandb.mode=disabled",
-        "optim.warmup_steps=2", "optim.lr=3e-3", "trainer.eval_batches=0", *extra,
-    ]
+        "optim.warmup_steps=2", "optim.lr=3e-3", "trainer.eval_batches=0", "optim.eps=1e-6", *extra,
+    ]  # optim.eps: see ADAM_EPS in tests/test_alignment_strategies.py
 
 
 def torchrun(args: list[str], nproc: int = 2, **env_extra: str) -> None:
@@ -242,6 +242,7 @@ def test_fsdp_checkpoint_generates_and_exports_in_one_process(runs, tmp_path):
         assert torch.equal(exported[hf_key], value), hf_key
 
 
+@pytest.mark.integration
 def test_deepspeed_config_is_generated_from_ours():
     from igpt.config import StrategyConfig
     from igpt.parallel.zero import deepspeed_config

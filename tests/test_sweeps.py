@@ -28,6 +28,7 @@ def launch(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_two_job_sweep_gives_each_job_its_own_run(prepared_text_dir, tmp_path):
     sweep = tmp_path / "sweep"
     proc = launch(sweep_args(prepared_text_dir, str(sweep), "optim.lr=1e-3,3e-3"))
@@ -56,6 +57,7 @@ def test_sweep_jobs_sharing_a_run_dir_fail(prepared_text_dir, tmp_path):
     assert sorted(read_metrics(str(shared))) == [1]  # job 1 never trained, so never resumed job 0's checkpoint
 
 
+@pytest.mark.integration
 def test_optuna_sweep_minimises_the_returned_val_loss(prepared_text_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"

@@ -156,6 +156,7 @@ def _wandb_runs(run_dir: str) -> list[dict]:
     return runs
 
 
+@pytest.mark.integration
 def test_wandb_offline_read_back(prepared_text_dir, prepared_sft_dir, tmp_path):
     """The offline W&B runs hold the numbers of metrics.jsonl; a run interrupted between checkpoints and resumed
     continues its W&B run with every step exactly once; the final checkpoint is a model artifact; an SFT run started

@@ -1,7 +1,8 @@
 """Mutation checks for the tests that guard a mechanism: resume, the NaN guard, bf16, masked eval batches, checkpoint
-fallback, tied embeddings. Each mutation disables one mechanism in a scratch clone of this repository, runs the tests
-that guard it and prints which fail. Every listed test should FAIL under its mutation (M3b is the exception: it shows
-why the bf16 test asserts the compute dtype) and pass without it. Not collected by pytest; run by hand:
+fallback, tied embeddings, the install and entry-point rules (M13*). Each mutation disables one mechanism in a scratch
+clone of this repository, runs the tests that guard it and prints which fail. Every listed test should FAIL under its
+mutation (M3b is the exception: it shows why the bf16 test asserts the compute dtype) and pass without it. Not
+collected by pytest; run by hand:
 
     python tests/mutation_checks.py            # all (about 10 min on 2 cores)
     python tests/mutation_checks.py M1 M6      # some
@@ -57,11 +58,39 @@ MUTATIONS = [
      [("igpt/model/transformer.py", 'return self.head == "lm" and self.cfg.tie_embeddings', "return False")],
      ["tests/test_strategies.py::test_tied_embeddings_two_ranks_match_one_process",
       "tests/test_trainer.py::test_tied_embeddings_train_resume_and_store_one_matrix"]),
+    # P13: installs and entry points (an ``old`` of None creates the file)
+    ("M13a kernels/ a regular package again (it shadows the PyPI kernels package from the repository root)",
+     [("kernels/__init__.py", None, "from igpt.kernels import *  # noqa: F403\n")],
+     ["tests/test_install.py::test_import_kernels_finds_the_installed_package_from_the_repo_root",
+      "tests/test_install.py::test_no_folder_that_can_start_sys_path_shadows_an_installed_package"]),
+    ("M13b igpt/train.py leaves its own folder first on sys.path",
+     [("igpt/train.py", "    sys.path[0] = os.getcwd()", "    pass")],
+     ["tests/test_install.py::test_import_kernels_finds_the_installed_package_from_the_repo_root"]),
+    ("M13c W&B drops trainer.eval_at_start's step 0",
+     [("igpt/metrics.py", "self._wandb_had = -1", "self._wandb_had = 0")],
+     ["tests/test_trainer.py::test_wandb_offline_read_back"]),
+    ("M13d lm_eval's own --device default (cuda:0) wins on a CPU machine",
+     [("igpt/lm_eval.py", 'if not any(a == "--device"', 'if False and not any(a == "--device"')],
+     ["tests/test_lm_eval.py::test_cli_registers_model_and_hands_over_to_lm_eval"]),
+    ("M13e a new model keeps model='s vocabulary when the data's tokenizer has more tokens",
+     [("igpt/trainer.py", "return replace(self.cfg.model, vocab_size=max(self.cfg.model.vocab_size, self.vocab_size))",
+       "return self.cfg.model")],
+     ["tests/test_docs.py::test_runnable_doc_blocks_run_as_written"]),
+    ("M13f a missing optional package is a traceback, not a line naming the extra",
+     [("igpt/errors.py", "    except ImportError as e:", "    except KeyError as e:")],
+     ["tests/test_install.py::test_base_install_runs_the_main_commands_and_extras_are_named"]),
+    ("M13g the README check accepts any number",
+     [("tests/demo_numbers.py", "        if got != said:", "        if False:")],
+     ["tests/test_demo_numbers.py"]),
 ]
 
 
-def patch(repo: str, path: str, old: str, new: str) -> None:
+def patch(repo: str, path: str, old: str | None, new: str) -> None:
     full = os.path.join(repo, path)
+    if old is None:
+        with open(full, "w", encoding="utf-8") as f:
+            f.write(new)
+        return
     with open(full, encoding="utf-8") as f:
         text = f.read()
     if old not in text:
@@ -80,6 +109,7 @@ def main() -> None:
             if only and name.split()[0] not in only:
                 continue
             subprocess.run(["git", "checkout", "-q", "."], cwd=repo, check=True)
+            subprocess.run(["git", "clean", "-qfd", "--", "kernels"], cwd=repo, check=True)
             for path, old, new in patches:
                 patch(repo, path, old, new)
             start = time.time()

@@ -85,8 +85,8 @@ def test_runnable_doc_blocks_run_as_written(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     _user_files(work)
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("PYTHONPATH", None)  # as a user runs them: only the installed igpt
+    # as a user runs them, but with this checkout's igpt (the editable install may point at another clone)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONPATH": REPO}
     ran = 0
     for path, kind, text, line in blocks:
         where = f"{os.path.relpath(path, REPO)}:{line}"

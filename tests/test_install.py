@@ -64,8 +64,9 @@ def _site(tmp_path, probe: bool = False, block: list[str] = ()) -> dict[str, str
     (site / "sitecustomize.py").write_text(code)
     out = tmp_path / "probe"
     out.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(site), "PROBE_OUT": str(out), "WANDB_MODE": "disabled"}
-    return env
+    # this checkout's igpt (not whichever one the editable install points at), for runs from another directory
+    path = os.pathsep.join([str(site), REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "PROBE_OUT": str(out), "WANDB_MODE": "disabled"}
 
 
 def _probes(tmp_path) -> list[dict]:

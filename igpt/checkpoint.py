@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from igpt.errors import CheckpointError, MissingPathError
+
 log = logging.getLogger("igpt")
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -123,7 +125,7 @@ def resolve(path: str) -> str:
         return path
     found = find_latest(path)
     if found is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no meta.json) nor a run dir with a complete checkpoint")
+        raise MissingPathError(f"{path}: neither a checkpoint (no meta.json) nor a run dir with a complete checkpoint")
     return found
 
 
@@ -139,12 +141,14 @@ def model_dir(ckpt_dir: str, role: str | None = None) -> str:
     meta = read_meta(ckpt_dir)
     roles = meta.get("models", {})
     if role not in roles:
-        raise ValueError(f"{ckpt_dir}: no model with role {role!r} (it holds {sorted(roles) or ['the main model']})")
+        raise CheckpointError(
+            f"{ckpt_dir}: no model with role {role!r} (it holds {sorted(roles) or ['the main model']})"
+        )
     return os.path.normpath(os.path.join(ckpt_dir, roles[role]["dir"]))
 
 
-def _safetensors_error(path: str, e: Exception) -> ValueError:
-    return ValueError(
+def _safetensors_error(path: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
         f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt (copy or download it again)"
     )
 
@@ -152,7 +156,7 @@ def _safetensors_error(path: str, e: Exception) -> ValueError:
 def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """Full model weights from a folder of any strategy: ``model.safetensors`` or sharded DCP ``model/``.
 
-    A truncated or corrupt weights file is a ValueError naming it."""
+    A truncated or corrupt weights file is a CheckpointError naming it."""
     st = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.exists(st):
         from safetensors.torch import load_file
@@ -164,13 +168,13 @@ def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     dcp_dir = os.path.join(ckpt_dir, "model")
     if os.path.isdir(dcp_dir):
         return read_dcp(dcp_dir)
-    raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or model/ (DCP) weights")
+    raise MissingPathError(f"{ckpt_dir}: no model.safetensors or model/ (DCP) weights")
 
 
 def read_dcp(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a torch.distributed.checkpoint folder, read in one process without a process group (shapes
     from the checkpoint's metadata; keys flattened as DCP stores them, e.g. ``optim.state.<param>.exp_avg``).
-    An unreadable folder is a ValueError naming it."""
+    An unreadable (or unsafe: igpt.safe_load) folder is a CheckpointError naming it."""
     reader, md = _dcp_metadata(path)
     state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()}
     _dcp_load(state, reader, path)
@@ -178,26 +182,36 @@ def read_dcp(path: str) -> dict[str, torch.Tensor]:
 
 
 def _dcp_metadata(dcp_dir: str):
-    """``(reader, {name: TensorStorageMetadata})`` of a DCP checkpoint folder; ValueError naming it if unreadable."""
-    import torch.distributed.checkpoint as dcp
+    """``(reader, {name: TensorStorageMetadata})`` of a DCP checkpoint folder, its metadata read safely
+    (``igpt.safe_load``); CheckpointError naming it if unreadable or unsafe."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(dcp_dir)
-    try:
-        md = reader.read_metadata()
-    except Exception as e:
-        raise ValueError(f"{dcp_dir}: unreadable torch.distributed.checkpoint metadata ({e!r})") from None
+    from igpt.safe_load import SafeReader
+
+    if not os.path.exists(os.path.join(dcp_dir, ".metadata")):
+        raise CheckpointError(f"{dcp_dir}: no .metadata (not a torch.distributed.checkpoint folder, or incomplete)")
+    reader = SafeReader(dcp_dir)
+    md = reader.read_metadata()  # restricted unpickler: CheckpointError on anything but DCP metadata types
     return reader, {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
 def _dcp_load(state: dict[str, torch.Tensor], reader, dcp_dir: str) -> None:
     """Read ``state``'s tensors in place from DCP shards, without a process group."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from igpt.safe_load import SafeLoadPlanner, raise_inner
 
     try:
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    except CheckpointException as e:  # a BaseException holding each rank's failure
+        raise_inner(e, dcp_dir)
+    except CheckpointError:
+        raise
     except Exception as e:  # DCP wraps a short read in CheckpointException
-        raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
+        raise CheckpointError(
+            f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})"
+        ) from None
 
 
 class _DcpRows:
@@ -257,7 +271,7 @@ class _DcpRows:
             with open(path, "rb") as f:
                 f.seek(base + (a - c0) * width * elsize)
                 if f.readinto(dest) != dest.nbytes:
-                    raise ValueError(f"{self.dcp_dir}: {path} ends early; a shard is truncated or corrupt")
+                    raise CheckpointError(f"{self.dcp_dir}: {path} ends early; a shard is truncated or corrupt")
         return out
 
 
@@ -265,16 +279,18 @@ def _dcp_load_rows(reader, dcp_dir: str, name: str, md, rows: tuple[int, int]) -
     """Rows ``[r0, r1)`` of tensor ``name`` of a DCP folder, read without a process group: only the stored chunks
     (a writing rank's shards) that overlap them are read, and only what overlaps is copied."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    from igpt.safe_load import SafeLoadPlanner, raise_inner
 
     r0, r1 = rows
     size = tuple(md.size)
     out = torch.empty((r1 - r0, *size[1:]), dtype=md.properties.dtype)
 
-    class RowsPlanner(DefaultLoadPlanner):
+    class RowsPlanner(SafeLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
             chunk = ChunkStorageMetadata(offsets=torch.Size([r0] + [0] * (len(size) - 1)), sizes=out.shape)
             return LoadPlan(create_read_items_for_chunk_list(name, md, [chunk]))
@@ -284,8 +300,14 @@ def _dcp_load_rows(reader, dcp_dir: str, name: str, md, rows: tuple[int, int]) -
 
     try:
         dcp.load({name: out}, storage_reader=reader, planner=RowsPlanner(), no_dist=True)
+    except CheckpointException as e:  # a BaseException holding each rank's failure
+        raise_inner(e, dcp_dir)
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
+        raise CheckpointError(
+            f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})"
+        ) from None
     return out
 
 
@@ -308,9 +330,9 @@ def load_weights(
         bad = [k for k in missing if k not in heads]
         unexpected = [k for k in unexpected if k not in heads]
         if bad or unexpected:
-            raise ValueError(f"{source}: weights do not match the model: missing {bad}, unexpected {unexpected}")
+            raise CheckpointError(f"{source}: weights do not match the model: missing {bad}, unexpected {unexpected}")
     elif missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
     model.load_state_dict(state, assign=assign, strict=strict)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
@@ -396,7 +418,7 @@ class WeightsSource:
         else:
             files = {os.path.join(self.folder, "model.safetensors"): []}
             if not os.path.exists(next(iter(files))):
-                raise FileNotFoundError(f"{self.folder}: no model.safetensors or model/ (DCP) weights")
+                raise MissingPathError(f"{self.folder}: no model.safetensors or model/ (DCP) weights")
         yield from self._safetensors_entries(files)
 
     def _safetensors_entries(self, files: dict[str, list[str]]):
@@ -413,7 +435,9 @@ class WeightsSource:
                 names = set(f.keys())
                 absent = sorted(set(listed) - names)
                 if absent:
-                    raise ValueError(f"{path}: the index lists {absent[:3]} in this shard, but it does not hold them")
+                    raise CheckpointError(
+                        f"{path}: the index lists {absent[:3]} in this shard, but it does not hold them"
+                    )
                 for name in sorted(names):
                     ours = name if self.kind == "igpt" else igpt_name(name)
                     if ours is None:
@@ -506,15 +530,17 @@ class WeightsSource:
                 log.info("%s: %s has %d rows for %d tokens: the %d new rows start at the mean row", self.where,
                          name, shape[0], want[0], want[0] - shape[0])
             else:
-                raise ValueError(f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
-                                 f"expects {list(want)}")
+                raise CheckpointError(
+                    f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
+                    f"expects {list(want)}"
+                )
             loaded.add(name)
         if bar is not None:
             bar.close()
         missing = sorted(k for k in targets if k not in loaded and not (tied and k == "lm_head.weight"))
         bad = missing if strict else [k for k in missing if k not in heads]
         if bad or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.where}: weights do not match the model: missing {bad}, unexpected {sorted(unexpected)}"
             )
         if tied and shards is None:
@@ -530,10 +556,10 @@ def open_source(path: str, key: str = "checkpoint", role: str | None = None) -> 
     from igpt.config import ModelConfig
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{key}={path}: no such directory")
+        raise MissingPathError(f"{key}={path}: no such directory")
     if hub.is_model_folder(path):
         if role is not None:
-            raise ValueError(f"{key}={path}: a Hugging Face model folder holds one model, not a {role!r} role")
+            raise CheckpointError(f"{key}={path}: a Hugging Face model folder holds one model, not a {role!r} role")
         config = hub.read_config(path)
         cfg, head = hub.model_config(config, os.path.join(path, hub.CONFIG))
         meta = {"stage": None, "model": asdict(cfg), "hf_config": config, "tokenizer": "tokenizer.json",
@@ -543,20 +569,24 @@ def open_source(path: str, key: str = "checkpoint", role: str | None = None) -> 
     try:
         ckpt = resolve(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{key}={path}: {e}; a Hugging Face model folder needs config.json and model.safetensors (or "
             f"model.safetensors.index.json)"
         ) from None
     ok, why = is_complete(ckpt)
     if not ok:
-        raise ValueError(f"{key}={path}: checkpoint {ckpt} is incomplete or corrupt: {why}")
+        raise CheckpointError(f"{key}={path}: checkpoint {ckpt} is incomplete or corrupt: {why}")
     meta = read_meta(ckpt)
     if "model" not in meta:
-        raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: no 'model' entry (the ModelConfig the weights belong to)")
+        raise CheckpointError(
+            f"{os.path.join(ckpt, 'meta.json')}: no 'model' entry (the ModelConfig the weights belong to)"
+        )
     try:
         cfg = ModelConfig(**meta["model"])
     except TypeError as e:
-        raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: 'model' does not fit igpt's ModelConfig ({e})") from None
+        raise CheckpointError(
+            f"{os.path.join(ckpt, 'meta.json')}: 'model' does not fit igpt's ModelConfig ({e})"
+        ) from None
     folder = model_dir(ckpt, role)
     mean = float(meta.get("reward_norm", {}).get("mean", 0.0)) if role is None else 0.0
     return WeightsSource(ckpt, "igpt", cfg, model_head(meta, role), meta, folder, mean, meta.get("hf_config"), key)

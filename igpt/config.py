@@ -272,16 +272,25 @@ _CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 def import_callable(spec: str, key: str, expected: str = "of the form module:function") -> Callable:
-    """``package.module:function`` -> the callable; ValueError naming the config ``key``, ``spec`` and what failed."""
+    """``package.module:function`` -> the callable; ConfigError naming the config ``key``, ``spec`` and what failed.
+
+    This IMPORTS AND RUNS USER CODE: importing ``module`` executes it (from the working directory or ``sys.path``),
+    and the caller then calls ``function``. Name only modules you trust; a config file or a command line from someone
+    else can run anything through a key that takes a callable (``reward.functions``, ...)."""
+    from igpt.errors import ConfigError
+
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"{key}: {spec!r} is not {expected}")
+        raise ConfigError(f"{key}: {spec!r} is not {expected} (igpt imports that module and runs the function)")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"{key}: cannot import {spec!r} ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"{key}: cannot import {spec!r} ({type(e).__name__}: {e}); {key} imports and runs user code: the "
+            f"module must be importable from the working directory or sys.path"
+        ) from None
     if not callable(fn):
-        raise ValueError(f"{key}: {spec!r} is not callable")
+        raise ConfigError(f"{key}: {spec!r} is not callable")
     return fn
 
 

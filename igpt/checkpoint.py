@@ -17,8 +17,13 @@ naming the file.
 
 A checkpoint is written into ``.tmp-step_XXXXXXX`` and renamed only when every rank has finished writing, and
 ``latest`` is replaced (write + ``os.replace``) only after the rename, so a run killed mid-write leaves the previous
-checkpoint intact. ``meta.json`` records every file with its size; ``find_latest`` checks them and falls back to the
-newest complete checkpoint, with a warning, when ``latest`` names a partial or corrupt one.
+checkpoint intact. ``meta.json`` records every file with its size and its xxh3_64 checksum (``"checksums"``);
+``find_latest`` (resume) checks both and falls back to the newest intact checkpoint, with a warning naming the bad
+file, when ``latest`` names a partial or corrupt one; ``open_source`` (generate, export, init_from) verifies the files
+of the weights it reads. Checkpoints from before checksums are checked by size alone.
+
+DCP folders (FSDP's ``model/`` and ``optim/``) are read through ``igpt.safe_load``: their pickled ``.metadata`` may
+name only DCP's metadata types, so a crafted checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 import torch
 
+from igpt.checksum import ALGORITHM, file_checksum
 from igpt.errors import CheckpointError, MissingPathError
 
 log = logging.getLogger("igpt")
@@ -78,44 +84,78 @@ def _file_sizes(ckpt_dir: str) -> dict[str, int]:
     return sizes
 
 
-def is_complete(ckpt_dir: str) -> tuple[bool, str]:
-    """A checkpoint is complete when meta.json parses and every file it lists exists with its recorded size."""
+CHECKSUM = ALGORITHM  # meta.json "checksum": the algorithm of "checksums" (xxhash's XXH3, 64 bits)
+#: files a reader of the weights alone (generate, export, init_from) need not verify: optimizer and training state
+TRAIN_ONLY_FILES = ("optimizer.pt", "optimizer.safetensors", "train_state.pt")
+
+
+def _train_only(rel: str) -> bool:
+    parts = rel.replace(os.sep, "/").split("/")
+    return parts[-1] in TRAIN_ONLY_FILES or "optim" in parts[:-1]  # FSDP's optimizer shards: optim/
+
+
+def _checksums(ckpt_dir: str, files: dict[str, int]) -> dict[str, str]:
+    return {rel: file_checksum(os.path.join(ckpt_dir, rel)) for rel in sorted(files)}
+
+
+def is_complete(ckpt_dir: str, verify: bool = False, weights_only: bool = False) -> tuple[bool, str]:
+    """A checkpoint is complete when meta.json parses and every file it lists exists with its recorded size; with
+    ``verify`` also with its recorded checksum (``weights_only``: the weights' files only, not the optimizer's). A
+    checkpoint written before checksums were recorded is checked by size alone. ``(ok, why)``: why names the file."""
     meta_path = os.path.join(ckpt_dir, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         return False, f"{meta_path}: {e}"
-    for rel, size in meta.get("files", {}).items():
+    files = meta.get("files", {})
+    for rel, size in files.items():
         path = os.path.join(ckpt_dir, rel)
         if not os.path.exists(path):
             return False, f"{path} is missing"
         if os.path.getsize(path) != size:
             return False, f"{path} has {os.path.getsize(path)} bytes, meta.json recorded {size}"
+    sums = meta.get("checksums") if verify else None
+    if sums and meta.get("checksum", CHECKSUM) == CHECKSUM:
+        for rel, want in sums.items():
+            if weights_only and _train_only(rel):
+                continue
+            path = os.path.join(ckpt_dir, rel)
+            if not os.path.exists(path):
+                return False, f"{path} is missing"
+            got = file_checksum(path)
+            if got != want:
+                return False, (f"{path} is corrupt: its {CHECKSUM} checksum is {got}, meta.json recorded {want} "
+                               f"(same size, different bytes)")
     return True, ""
 
 
-def find_latest(run_dir: str) -> str | None:
-    """The newest complete checkpoint of a run (or None); warns when ``latest`` names a broken one."""
+def find_latest(run_dir: str, verify: bool = True, weights_only: bool = False) -> str | None:
+    """The newest complete checkpoint of a run (or None); warns when ``latest`` names a broken one, naming the broken
+    file. ``verify``: also compare every file's checksum with meta.json's (``weights_only``: the weights' only)."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_root):
         return None
     latest_file = os.path.join(ckpt_root, "latest")
+    named = None
     if os.path.exists(latest_file):
         with open(latest_file, encoding="utf-8") as f:
             named = os.path.join(ckpt_root, f.read().strip())
-        ok, why = is_complete(named)
+        ok, why = is_complete(named, verify, weights_only)
         if ok:
             return named
-        log.warning("checkpoint %s named by %s is incomplete (%s); looking for an older one", named, latest_file, why)
+        log.warning("checkpoint %s named by %s is incomplete or corrupt (%s); looking for an older one", named,
+                    latest_file, why)
     steps = sorted((int(m.group(1)), d) for d in os.listdir(ckpt_root) if (m := STEP_RE.match(d)))
     for _, d in reversed(steps):
         path = os.path.join(ckpt_root, d)
-        ok, why = is_complete(path)
+        if path == named:
+            continue  # checked above
+        ok, why = is_complete(path, verify, weights_only)
         if ok:
-            log.warning("resuming from %s, the newest complete checkpoint", path)
+            log.warning("resuming from %s, the newest complete checkpoint (sizes and checksums agree)", path)
             return path
-        log.warning("skipping incomplete checkpoint %s (%s)", path, why)
+        log.warning("skipping incomplete or corrupt checkpoint %s (%s)", path, why)
     return None
 
 
@@ -123,7 +163,7 @@ def resolve(path: str) -> str:
     """A checkpoint dir, or a run dir meaning its newest complete checkpoint."""
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    found = find_latest(path)
+    found = find_latest(path, verify=False)  # open_source verifies the weights of the one it picks
     if found is None:
         raise MissingPathError(f"{path}: neither a checkpoint (no meta.json) nor a run dir with a complete checkpoint")
     return found
@@ -573,7 +613,7 @@ def open_source(path: str, key: str = "checkpoint", role: str | None = None) -> 
             f"{key}={path}: {e}; a Hugging Face model folder needs config.json and model.safetensors (or "
             f"model.safetensors.index.json)"
         ) from None
-    ok, why = is_complete(ckpt)
+    ok, why = is_complete(ckpt, verify=True, weights_only=True)
     if not ok:
         raise CheckpointError(f"{key}={path}: checkpoint {ckpt} is incomplete or corrupt: {why}")
     meta = read_meta(ckpt)
@@ -711,7 +751,9 @@ def save(
     strategy.barrier()  # every rank's shards are on disk
     if strategy.rank == 0:
         roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}
-        meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": _file_sizes(tmp), "time": time.time()}
+        files = _file_sizes(tmp)
+        meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": files, "checksum": CHECKSUM,
+                "checksums": _checksums(tmp, files), "time": time.time()}
         write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
         _fsync_dir(tmp)
         if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)

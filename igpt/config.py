@@ -161,6 +161,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers per rank
     shuffle: bool = True
     skip_corrupt: bool = False  # skip (count, warn) truncated or corrupt shards instead of failing
+    verify: bool = True  # check each shard's xxh3_64 checksum (index.json) once per process when first opened
 
 
 @dataclass

@@ -254,6 +254,7 @@ class Trainer:
             rank=self.rank, world_size=self.world_size, num_workers=cfg.data.num_workers if loop else 0,
             num_partitions=self.num_partitions(data_dir), seed=tcfg.seed, shuffle=cfg.data.shuffle and loop,
             pack=cfg.stage.pack if pack is None else pack, loop=loop, skip_corrupt=cfg.data.skip_corrupt,
+            verify=cfg.data.verify,
         )
 
     def num_partitions(self, data_dir: str | None = None) -> int:

@@ -3,6 +3,7 @@ errors (issue P15). Unit-sized: small files, a tiny model, at most a few trainin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -98,3 +99,82 @@ def test_non_tensor_dcp_entries_are_read_weights_only(tmp_path):
     state = {"groups": None}
     dcp_load(state, folder + "2", no_dist=True)
     assert state["groups"] == (0.1, (0.9, 0.95), "w")  # plain data still loads
+
+
+# ---------------------------------------------------------------------------------------------------- checksums
+def _base(data_dir: str, run_dir: str, *extra: str) -> list[str]:
+    from tests.conftest import TINY
+
+    return ["+stage=pretrain", f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, "trainer.global_batch_size=4",
+            "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.ckpt_every=2", "trainer.progress=false",
+            "trainer.sample_every_eval=false", "logger.wandb.mode=disabled", "optim.warmup_steps=1",
+            "trainer.eval_batches=1", *extra]
+
+
+def _flip(path: str, at: int | None = None, n: int = 64) -> None:
+    """Flip ``n`` bytes in the middle of a file (its size unchanged)."""
+    size = os.path.getsize(path)
+    at = size // 2 if at is None else at
+    with open(path, "r+b") as f:
+        f.seek(at)
+        data = f.read(n)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_checksum_mismatch_falls_back_to_the_newest_intact_checkpoint(prepared_text_dir, tmp_path):
+    """Failure 2: 64 flipped bytes in model.safetensors (same size) were resumed silently (fails on the old code: it
+    resumes from step 4 and warns about nothing)."""
+    from tests.trainutil import train, train_steps
+
+    run = str(tmp_path / "run")
+    train(_base(prepared_text_dir, run, "trainer.max_steps=4"))
+    meta = checkpoint.read_meta(os.path.join(run, "checkpoints", "step_0000004"))
+    assert meta["checksum"] == "xxh3_64" and set(meta["checksums"]) == set(meta["files"])
+    bad = os.path.join(run, "checkpoints", "step_0000004", "model.safetensors")
+    _flip(bad)
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):  # generate/export/init_from refuse it
+        checkpoint.open_source(os.path.join(run, "checkpoints", "step_0000004"))
+    os.remove(os.path.join(run, "logs", "rank0.log"))
+    train(_base(prepared_text_dir, run, "trainer.max_steps=5"))
+    log = open(os.path.join(run, "logs", "rank0.log")).read()
+    assert f"{bad} is corrupt: its xxh3_64 checksum" in log, log
+    assert "step_0000002, the newest complete checkpoint" in log, log
+    assert train_steps(run) == [1, 2, 3, 4, 3, 4, 5]
+
+
+def test_checkpoints_without_checksums_still_load(tmp_path, tokenizer_file):
+    ckpt = _dcp_checkpoint(str(tmp_path / "old"), tokenizer=tokenizer_file)  # meta.json has sizes only
+    assert "checksums" not in checkpoint.read_meta(ckpt)
+    assert checkpoint.is_complete(ckpt, verify=True) == (True, "")
+    checkpoint.load_model(ckpt)
+
+
+def test_shard_checksum_is_verified_once(prepared_text_dir, tmp_path):
+    """Failure 2 (data): flipped bits in a shard's payload trained silently (fails on the old code: no error)."""
+    from igpt.data import partition
+    from igpt.data.partition import CorruptShardError, Shard, read_index
+
+    data = str(tmp_path / "data")
+    shutil.copytree(prepared_text_dir, data)
+    idx = read_index(data, "train")
+    info = idx.shards[0]
+    assert info.checksum and len(info.checksum) == 16
+    Shard(info, idx.kind, idx.dtype, idx.vocab_size)  # intact
+    assert any(k[0] == info.path for k in partition._VERIFIED)
+    with open(info.path, "rb") as f:
+        _, off, size = partition._scan_tar(f.read(), info.name)[0]
+    _flip(info.path, at=off, n=min(8, size))  # inside a sample's ids: the tar headers stay valid
+    os.utime(info.path, ns=(0, 0))  # a new mtime: verified again
+    with pytest.raises(CorruptShardError, match=r"shard train/shard-000000.tar is corrupt: its xxh3_64"):
+        Shard(info, idx.kind, idx.dtype, idx.vocab_size)
+    Shard(dataclasses.replace(info, checksum=None), idx.kind, idx.dtype, idx.vocab_size)  # data.verify=false
+    # data prepared before checksums: no "xxh3_64" in index.json, read as before
+    with open(os.path.join(data, "index.json")) as f:
+        index = json.load(f)
+    for split in index["splits"].values():
+        for s in split["shards"]:
+            s.pop("xxh3_64")
+    with open(os.path.join(data, "index.json"), "w") as f:
+        json.dump(index, f)
+    assert read_index(data, "train").shards[0].checksum is None

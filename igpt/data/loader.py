@@ -39,6 +39,7 @@ raw ``webdataset.WebDataset`` reads of the same shards.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator
@@ -249,6 +250,7 @@ class ShardLoader:
         pack: pack documents/conversations into rows (kind=text, sft); kind=pref always has one pair per row.
         loop: cycle epochs forever (training) or read the split once (evaluation).
         skip_corrupt: skip truncated/corrupt shards with a warning instead of failing.
+        verify: check each shard's checksum (index.json's ``xxh3_64``) the first time this process opens it.
     """
 
     def __init__(
@@ -267,6 +269,7 @@ class ShardLoader:
         pack: bool = True,
         loop: bool = True,
         skip_corrupt: bool = False,
+        verify: bool = True,
     ) -> None:
         P, W, K = num_partitions, world_size, max(num_workers, 1)
         if seq_len < 1 or P < 1 or W < 1 or global_batch_size < 1 or num_workers < 0 or seed < 0:
@@ -292,6 +295,8 @@ class ShardLoader:
                 f"num_workers in {_divisors(global_batch_size)}"
             )
         self.index = read_index(data_dir, split)
+        if not verify:  # data.verify=false: no checksum reads (each process otherwise checks a shard once)
+            self.index.shards = [dataclasses.replace(s, checksum=None) for s in self.index.shards]
         if self.index.vocab_size and self.index.vocab_size > 2**31:
             raise ValueError(f"vocab_size={self.index.vocab_size} in {data_dir}/index.json: at most 2**31 is supported")
         self.layout = Layout(self.index, P, seed, shuffle)

@@ -67,6 +67,7 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from igpt.checksum import file_checksum
 from igpt.data.chat import ChatFormat
 from igpt.data.formats import (
     chunk_text,
@@ -86,6 +87,7 @@ from igpt.data.formats import (
     unescape,
 )
 from igpt.data.kinds import KIND_FIELDS, KINDS
+from igpt.data.partition import SHARD_CHECKSUM
 from igpt.data.tokenizer import vocab_size
 
 TASK_CHARS = 1 << 20  # text per worker task
@@ -377,6 +379,8 @@ def _write_split(
         shard["bytes"] += nbytes
     if writer is not None:
         writer.close()
+    for shard in shards:  # the loader verifies each shard against it (igpt.data.partition.Shard)
+        shard[SHARD_CHECKSUM] = file_checksum(os.path.join(root, shard["name"]))
     totals = {k: sum(s[k] for s in shards) for k in ("samples", "tokens", "bytes")}
     return {**totals, "shards": shards}
 

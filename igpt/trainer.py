@@ -98,9 +98,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.strategy = build_strategy(cfg.strategy, cfg.precision, self.device)
+        self.lock = None
         try:
             self._setup(cfg)
         except BaseException:
+            if self.lock is not None:
+                self.lock.release()
             # Do not leave the process group open; no barrier: the other ranks may be anywhere.
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
@@ -113,6 +116,7 @@ class Trainer:
         self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
+        self._take_lock()
         self.stage = build_stage(cfg)
         self.accum = self.stage.check_batch(self.world_size)
         # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
@@ -138,6 +142,23 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.trainer.seq_len)
         self.peak_flops = device_peak_flops(self.device, cfg.logger.peak_flops)
         self.stop = _StopFlag()
+
+    def _take_lock(self) -> None:
+        """Rank 0 takes ``<run_dir>/run.lock`` (igpt/runlock.py); every rank fails at once if another run holds it."""
+        from igpt.errors import ConfigError
+        from igpt.runlock import RunLock
+
+        refused = None
+        if self.is_main:
+            lock = RunLock(self.run_dir)
+            try:
+                lock.acquire()
+                self.lock = lock
+            except ConfigError as e:
+                refused = str(e)
+        refused = self.strategy.broadcast_object(refused)
+        if refused is not None:
+            raise ConfigError(refused)
 
     def _resolve_model(self, resume_from: str | None) -> None:
         """Fix ``cfg.model``: the main model's source's architecture when it has one (``init_from``: an igpt
@@ -667,4 +688,8 @@ class Trainer:
         return tqdm(total=total, initial=self.step, desc=f"{self.cfg.stage.name}", unit="step", dynamic_ncols=True)
 
     def close(self) -> None:
-        self.strategy.teardown()
+        try:
+            self.strategy.teardown()
+        finally:
+            if self.lock is not None:
+                self.lock.release()

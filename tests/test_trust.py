@@ -178,3 +178,55 @@ def test_shard_checksum_is_verified_once(prepared_text_dir, tmp_path):
     with open(os.path.join(data, "index.json"), "w") as f:
         json.dump(index, f)
     assert read_index(data, "train").shards[0].checksum is None
+
+
+# ---------------------------------------------------------------------------------------------------- run lock
+def _lock(run_dir: str, **holder) -> None:
+    import socket
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "run.lock"), "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getppid(), "start": 1.7e9, "slurm_job_id": None, **holder},
+                  f)
+
+
+def test_second_run_on_a_run_dir_fails_at_once_naming_the_holder(prepared_text_dir, tmp_path):
+    """Failure 3: two runs sharing a run_dir both ran (fails on the old code: the trainer starts)."""
+    from igpt.errors import ConfigError
+    from tests.trainutil import make_trainer
+
+    run = str(tmp_path / "run")
+    _lock(run)  # held by a live process (our parent) on this host
+    with pytest.raises(ConfigError, match=rf"run_dir={run} is in use by another run: pid {os.getppid()} on host "):
+        make_trainer(_base(prepared_text_dir, run, "trainer.max_steps=1"))
+    assert not os.path.exists(os.path.join(run, "checkpoints"))
+
+
+def test_stale_locks_are_taken_over_and_released(tmp_path, monkeypatch, caplog):
+    import subprocess
+    import sys
+
+    from igpt.errors import ConfigError
+    from igpt.runlock import RunLock
+
+    run = str(tmp_path / "run")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock(run, pid=dead.pid)  # same host, process gone
+    lock = RunLock(run)
+    lock.acquire()
+    assert f"taking over the stale lock {run}/run.lock of pid {dead.pid}" in caplog.text
+    assert json.load(open(os.path.join(run, "run.lock")))["pid"] == os.getpid()
+    lock.release()
+    assert not os.path.exists(os.path.join(run, "run.lock"))
+    # a requeued Slurm job: same job id, another node (its pid cannot be checked there)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _lock(run, host="node-that-died", pid=1, slurm_job_id="4242")
+    lock = RunLock(run)
+    lock.acquire()
+    assert "the same Slurm job 4242 (requeued)" in caplog.text
+    lock.release()
+    # another job's lock on another host is never taken
+    _lock(run, host="other-node", pid=1, slurm_job_id="17")
+    with pytest.raises(ConfigError, match="pid 1 on host other-node .*Slurm job 17"):
+        RunLock(run).acquire()

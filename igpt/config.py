@@ -249,12 +249,15 @@ class Config:
     init_from: str | None = None  # a checkpoint dir (or run dir) whose weights start this run
     reference_from: str | None = None  # DPO / PPO's frozen reference (default: init_from)
     resume: str = "auto"  # auto | never
+    # error | allow: init_from (reference_from, reward.model) whose tokenizer differs from the data's
+    tokenizer_mismatch: str = "error"
     precision: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
 
 
 CHOICES = {
     "resume": ("auto", "never"),
+    "tokenizer_mismatch": ("error", "allow"),
     "precision": ("fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "stage.name": tuple(STAGES),

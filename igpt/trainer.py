@@ -169,13 +169,13 @@ class Trainer:
         cfg = self.cfg
         main = self.stage.models()[0]
         saved = checkpoint.read_meta(resume_from) if resume_from is not None and main.trainable else {}
+        if resume_from is not None:
+            self._check_resume(resume_from, checkpoint.read_meta(resume_from), main)
         if saved.get("model"):  # a resumed run needs nothing from its source: the checkpoint has it all
             model_cfg = ModelConfig(**saved["model"])
             self.hf_config = saved.get("hf_config")
         else:
-            model_cfg = self.model_config(main)
-            if main.init:
-                model_cfg = self._apply_overrides(main, model_cfg)
+            model_cfg = self._configured_model(main)
             #: the config.json of an imported main model (its original class, kept in every checkpoint for export)
             self.hf_config = self.weights_source(main).hf_config if main.init else None
         cfg.model = model_cfg
@@ -193,6 +193,63 @@ class Trainer:
                 f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab}, "
                 f"{self.tokenizer_path}); set model.vocab_size={vocab}"
             )
+
+    def _configured_model(self, main):
+        """The main model's architecture as this run's config gives it (its source's, with the ``model.*`` values)."""
+        model_cfg = self.model_config(main)
+        return self._apply_overrides(main, model_cfg) if main.init else model_cfg
+
+    def _check_resume(self, ckpt: str, saved: dict, main) -> None:
+        """Refuse to resume a checkpoint of another stage, tokenizer or model architecture than this run's config
+        gives (the old code continued the checkpoint's model whatever ``model=`` said); each error names both."""
+        from igpt.data.tokenizer import tokenizer_conflict
+        from igpt.errors import CheckpointError, MissingPathError
+
+        cfg = self.cfg
+        fix = (f"resume it with the config it was written with, start a new run_dir (init_from={ckpt} starts from "
+               f"its weights), or pass resume=never to ignore it")
+        if saved.get("stage") and saved["stage"] != cfg.stage.name:
+            raise CheckpointError(f"resume=auto: {ckpt} was written by stage={saved['stage']}, this run is "
+                                  f"stage={cfg.stage.name}; {fix}")
+        ckpt_tok = os.path.join(ckpt, saved.get("tokenizer") or "tokenizer.json")
+        if os.path.exists(ckpt_tok):
+            why = tokenizer_conflict(self.tokenizer_path, ckpt_tok)
+            if why:
+                raise CheckpointError(f"resume=auto: {ckpt} was trained with another tokenizer than data.dir="
+                                      f"{cfg.data.dir}'s: {why}; {fix}")
+        if not (saved.get("model") and main.trainable):
+            return
+        try:
+            fresh = asdict(self._configured_model(main))
+        except MissingPathError as e:  # the run's source is gone: nothing to compare with
+            log.warning("resume: cannot check the model against %s=%s (%s)", main.init_key, main.init, e)
+            return
+        diffs = [f"model.{k}={v!r} in the checkpoint, {fresh[k]!r} in this run's config"
+                 for k, v in saved["model"].items() if k in fresh and k not in ("name", "init_std") and fresh[k] != v]
+        if diffs:
+            raise CheckpointError(f"resume=auto: {ckpt} holds another model architecture: {'; '.join(diffs)}; {fix}")
+
+    def _check_init_tokenizer(self, spec, source) -> None:
+        """``spec``'s source must share the data's tokenizer (ids mean the same tokens) unless
+        ``tokenizer_mismatch=allow``."""
+        from igpt.data.tokenizer import tokenizer_conflict
+        from igpt.errors import CheckpointError
+
+        theirs = os.path.join(source.tokenizer_dir, source.meta.get("tokenizer") or "tokenizer.json")
+        if not os.path.exists(theirs):
+            return
+        why = tokenizer_conflict(self.tokenizer_path, theirs)
+        if why is None:
+            return
+        if self.cfg.tokenizer_mismatch == "allow":
+            log.warning("%s: another tokenizer than data.dir=%s's (%s); tokenizer_mismatch=allow", source.where,
+                        self.cfg.data.dir, why)
+            return
+        raise CheckpointError(
+            f"{source.where}: the model was trained with another tokenizer than the data in "
+            f"data.dir={self.cfg.data.dir} ({why}), so its token ids mean other tokens; prepare the data "
+            f"with the checkpoint's tokenizer.json, or pass tokenizer_mismatch=allow to train anyway"
+        )
 
     def _apply_overrides(self, spec, model_cfg):
         """The source's architecture wins over ``model=``; a ``model.*`` value set explicitly must agree with it, except
@@ -222,6 +279,7 @@ class Trainer:
         key = (spec.init, spec.init_key)
         if key not in self._sources:
             self._sources[key] = checkpoint.open_source(spec.init, spec.init_key)
+            self._check_init_tokenizer(spec, self._sources[key])
         return self._sources[key]
 
     def model_config(self, spec):
@@ -527,6 +585,7 @@ class Trainer:
         meta = {
             "stage": self.cfg.stage.name, "model": asdict(self.cfg.model), "strategy": self.cfg.strategy.name,
             "world_size": self.world_size, "tokenizer": "tokenizer.json", "precision": self.cfg.precision,
+            "tokenizer_fingerprint": self._tokenizer_fingerprint(),
             "config": self.config_dict, **self._hf_meta(), **self.stage.checkpoint_meta(), **(extra_meta or {}),
         }
         path = checkpoint.save(
@@ -535,6 +594,13 @@ class Trainer:
         )
         log.info("checkpoint %s", path)
         return path
+
+    def _tokenizer_fingerprint(self) -> str:
+        if not hasattr(self, "_tok_fp"):
+            from igpt.data.tokenizer import tokenizer_fingerprint
+
+            self._tok_fp = tokenizer_fingerprint(self.tokenizer_path)
+        return self._tok_fp
 
     def _hf_meta(self) -> dict[str, Any]:
         """The ``hf_config`` of an imported main model (its original architecture class, for igpt.export)."""

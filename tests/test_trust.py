@@ -230,3 +230,96 @@ def test_stale_locks_are_taken_over_and_released(tmp_path, monkeypatch, caplog):
     _lock(run, host="other-node", pid=1, slurm_job_id="17")
     with pytest.raises(ConfigError, match="pid 1 on host other-node .*Slurm job 17"):
         RunLock(run).acquire()
+
+
+# ---------------------------------------------------------------------------------------------------- mismatches
+def _other_tokenizer_data(src: str, dst: str) -> str:
+    """A copy of prepared data whose tokenizer maps two vocabulary entries the other way round (another tokenizer,
+    the same vocabulary size)."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    return dst
+
+
+def test_resume_refuses_another_model_stage_or_tokenizer(prepared_text_dir, prepared_sft_dir, tmp_path):
+    """Failure 5: resume silently continued the old model after a changed model.* (fails on the old code: the
+    trainer is built with the checkpoint's model and no error)."""
+    from tests.trainutil import make_trainer, train
+
+    run = str(tmp_path / "run")
+    train(_base(prepared_text_dir, run, "trainer.max_steps=2"))
+    with pytest.raises(CheckpointError, match=r"another model architecture: model.ffn_dim=128 in the checkpoint, "
+                                              r"192 in this run's config"):
+        make_trainer(_base(prepared_text_dir, run, "trainer.max_steps=4", "model.ffn_dim=192"))
+    with pytest.raises(CheckpointError, match=r"written by stage=pretrain, this run is stage=sft"):
+        make_trainer(["+stage=sft", *_base(prepared_sft_dir, run, "trainer.max_steps=4")[1:]])
+    other = _other_tokenizer_data(prepared_text_dir, str(tmp_path / "other"))
+    with pytest.raises(CheckpointError, match=r"another tokenizer than data.dir=.*: tokenizer fingerprint"):
+        make_trainer(_base(other, run, "trainer.max_steps=4"))
+    trainer = make_trainer(_base(prepared_text_dir, run, "trainer.max_steps=4"))  # the same config resumes
+    assert trainer.step == 2
+    trainer.close()
+    fp = checkpoint.read_meta(os.path.join(run, "checkpoints", "step_0000002"))["tokenizer_fingerprint"]
+    assert fp == json.load(open(os.path.join(prepared_text_dir, "index.json")))["tokenizer"]["fingerprint"]
+
+
+def test_init_from_with_another_tokenizer_fails_unless_allowed(prepared_text_dir, tmp_path):
+    """Failure 5: init_from with data of another tokenizer trained without a word (fails on the old code)."""
+    from tests.trainutil import make_trainer, train
+
+    src = str(tmp_path / "src")
+    train(_base(prepared_text_dir, src, "trainer.max_steps=1"))
+    other = _other_tokenizer_data(prepared_text_dir, str(tmp_path / "other"))
+    args = _base(other, str(tmp_path / "new"), "trainer.max_steps=1", f"init_from={src}")
+    with pytest.raises(CheckpointError, match=r"init_from=.*another tokenizer than the data.*tokenizer_mismatch=allow"):
+        make_trainer(args)
+    make_trainer([*args, "tokenizer_mismatch=allow"]).close()
+
+
+def test_prepare_drops_identical_pairs_and_empty_prompts(tokenizer_file, tmp_path):
+    """Failure 5: chosen == rejected pairs trained at ln 2 and empty prompts were written as data (fails on the old
+    code: every record is kept and there is no "filtered" count)."""
+    from igpt.data.prepare import prepare
+
+    src = tmp_path / "pairs.jsonl"
+    recs = [{"prompt": f"Name the {w}.", "chosen": f"The {w}.", "rejected": "No."} for w in ("king", "queen", "day")]
+    recs += [{"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."}, {"prompt": "  ", "chosen": "A.",
+                                                                         "rejected": "B."}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.warns(UserWarning, match="dropped 1 record.*empty prompt and 1 preference record"):
+        index = prepare(str(src), str(tmp_path / "out"), tokenizer_file, kind="pref", val_fraction=0.0,
+                        num_workers=0, progress=False)
+    assert index["filtered"] == {"empty_prompt": 1, "identical_responses": 1}
+    assert index["splits"]["train"]["samples"] == 3
+
+
+def test_prepare_overwrite_replaces_only_a_prepared_dataset(prepared_text_dir, tokenizer_file, tmp_path):
+    """Failure 4: overwrite=true deleted whatever folder it was given (fails on the old code: the folder and the
+    file in it are gone)."""
+    from igpt.data.prepare import prepare
+    from igpt.errors import ConfigError
+
+    src = tmp_path / "in" / "doc.txt"
+    src.parent.mkdir()
+    src.write_text("the king and the queen. " * 50)
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    kw = dict(val_fraction=0.0, num_workers=0, progress=False, overwrite=True)
+    with pytest.raises(ConfigError, match="not a prepared dataset .no index.json. and not empty.*nothing was deleted"):
+        prepare(str(src), str(precious), tokenizer_file, **kw)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(ConfigError, match="holds the input"):
+        prepare(str(src), str(src.parent), tokenizer_file, **kw)
+    assert src.exists()
+    (tmp_path / "empty").mkdir()
+    prepare(str(src), str(tmp_path / "empty"), tokenizer_file, **kw)  # an empty folder
+    prepare(str(src), str(tmp_path / "empty"), tokenizer_file, **kw)  # a prepared dataset
+    assert os.path.exists(tmp_path / "empty" / "index.json")

@@ -28,6 +28,7 @@ name only DCP's metadata types, so a crafted checkpoint cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -66,11 +67,16 @@ def _fsync_dir(path: str) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _file_sizes(ckpt_dir: str) -> dict[str, int]:
@@ -725,45 +731,80 @@ def save(
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".tmp-{name}")
     dirs = {role: "." if i == 0 else role for i, role in enumerate(models)}
-    if strategy.rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for d in dirs.values():
-            os.makedirs(os.path.join(tmp, d), exist_ok=True)
-    strategy.barrier()
-    for role, handle in models.items():
-        handle.save(os.path.join(tmp, dirs[role]))
-    if strategy.rank == 0:
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-        if tokenizer_path:  # the tokenizer and the files of its chat format (igpt.data.chat.FORMAT_FILES)
-            from igpt.data.chat import FORMAT_FILES
+    try:
+        if strategy.rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for d in dirs.values():
+                os.makedirs(os.path.join(tmp, d), exist_ok=True)
+        strategy.barrier()
+        for role, handle in models.items():
+            handle.save(os.path.join(tmp, dirs[role]))
+        if strategy.rank == 0:
+            torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+            if tokenizer_path:  # the tokenizer and the files of its chat format (igpt.data.chat.FORMAT_FILES)
+                from igpt.data.chat import FORMAT_FILES
 
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
-            for extra in FORMAT_FILES[1:]:
-                src = os.path.join(os.path.dirname(tokenizer_path), extra)
-                if os.path.exists(src):
-                    shutil.copyfile(src, os.path.join(tmp, extra))
-        pause = float(os.environ.get("IGPT_FAULT_CKPT_PAUSE_S", "0") or 0)
-        if pause > 0:  # fault injection for tests: a window in which a kill leaves a partial checkpoint
-            log.warning("IGPT_FAULT_CKPT_PAUSE_S: pausing %.1fs inside the checkpoint write", pause)
-            time.sleep(pause)
-    strategy.barrier()  # every rank's shards are on disk
-    if strategy.rank == 0:
-        roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}
-        files = _file_sizes(tmp)
-        meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": files, "checksum": CHECKSUM,
-                "checksums": _checksums(tmp, files), "time": time.time()}
-        write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        write_text_atomic(os.path.join(root, "latest"), name + "\n")
-        _prune(root, keep_last)
+                shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+                for extra in FORMAT_FILES[1:]:
+                    src = os.path.join(os.path.dirname(tokenizer_path), extra)
+                    if os.path.exists(src):
+                        shutil.copyfile(src, os.path.join(tmp, extra))
+            pause = float(os.environ.get("IGPT_FAULT_CKPT_PAUSE_S", "0") or 0)
+            if pause > 0:  # fault injection for tests: a window in which a kill leaves a partial checkpoint
+                log.warning("IGPT_FAULT_CKPT_PAUSE_S: pausing %.1fs inside the checkpoint write", pause)
+                time.sleep(pause)
+        strategy.barrier()  # every rank's shards are on disk
+        if strategy.rank == 0:
+            roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}
+            files = _file_sizes(tmp)
+            meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": files, "checksum": CHECKSUM,
+                    "checksums": _checksums(tmp, files), "time": time.time()}
+            write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            write_text_atomic(os.path.join(root, "latest"), name + "\n")
+            _prune(root, keep_last)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints and ``latest`` are untouched
+        if _no_space(e, root):
+            raise CheckpointError(
+                f"no space left on {root} ({_free(root)} free) while writing checkpoint {name}: the partial "
+                f"checkpoint {tmp} was removed and the previous checkpoints are intact; free some space (or lower "
+                f"trainer.keep_last) and resume with resume=auto"
+            ) from None
+        raise
     strategy.barrier()
     return final
+
+
+def _free(path: str) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "? MiB"
+
+
+def _no_space(e: BaseException, root: str) -> bool:
+    """Whether a failed write ran out of disk space: ENOSPC/EDQUOT, or torch's zip writer's own report of a short
+    write (``unexpected pos ... vs ...``, ``file write failed``) on a nearly full filesystem."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if "No space left" in text or "Disk quota exceeded" in text:
+        return True
+    if isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text):
+        try:
+            return shutil.disk_usage(root).free < 64 << 20
+        except OSError:
+            return True
+    return False
 
 
 def _prune(root: str, keep_last: int) -> None:

@@ -255,6 +255,11 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
 
 
+POSITIVE = (  # config keys that must be >= 1 (validate)
+    "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
+    "model.max_seq_len", "model.head_dim", "trainer.global_batch_size", "trainer.micro_batch_size", "trainer.seq_len",
+)
+
 CHOICES = {
     "resume": ("auto", "never"),
     "tokenizer_mismatch": ("error", "allow"),
@@ -326,35 +331,44 @@ def register() -> None:
 def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     """Re-check a composed config against the schema and return it as a typed ``Config``.
 
-    Raises ``ValueError`` naming the first unknown key, wrong type or disallowed value.
+    Raises :class:`igpt.errors.ConfigError` (a ValueError) naming the first unknown key, wrong type or disallowed
+    value.
     """
     from omegaconf.errors import ConfigKeyError, ValidationError
+
+    from igpt.errors import ConfigError
 
     schema = OmegaConf.structured(Config)
     raw = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     try:
         merged = OmegaConf.merge(schema, raw)
     except ConfigKeyError as e:
-        raise ValueError(f"unknown config key {e.full_key!r}: it is not in igpt's schema (igpt/config.py)") from None
+        raise ConfigError(f"unknown config key {e.full_key!r}: it is not in igpt's schema (igpt/config.py)") from None
     except ValidationError as e:
-        raise ValueError(f"config key {e.full_key!r}: {e.msg}") from None
+        raise ConfigError(f"config key {e.full_key!r}: {e.msg}") from None
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(merged, key)
         if value not in allowed:
-            raise ValueError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
+            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
     kind = STAGES[merged.stage.name].kind
     if merged.stage.kind not in (None, kind):
-        raise ValueError(
+        raise ConfigError(
             f"config key 'stage.kind' is {merged.stage.kind!r}, but stage {merged.stage.name} reads kind={kind} data "
             f"(one of {', '.join(KINDS)}; leave stage.kind unset)"
         )
     merged.stage.kind = kind
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ValueError(f"config key {missing[0]!r} must be set (e.g. {missing[0]}=<value> on the command line)")
+        raise ConfigError(f"config key {missing[0]!r} must be set (e.g. {missing[0]}=<value> on the command line)")
+    for key in POSITIVE:  # a 0 here was a ZeroDivisionError deep in the model or the loader
+        value = OmegaConf.select(merged, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key {key!r} is {value}; expected a positive integer")
+    if merged.trainer.max_steps < 0:
+        raise ConfigError(f"config key 'trainer.max_steps' is {merged.trainer.max_steps}; expected >= 0")
     m = merged.model
     if m.n_heads % m.n_kv_heads or (m.head_dim is None and m.dim % m.n_heads):
-        raise ValueError(
+        raise ConfigError(
             f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and divide dim ({m.dim}) "
             f"unless model.head_dim is set"
         )

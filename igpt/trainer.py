@@ -64,7 +64,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but CUDA is not available (use device=cpu or device=auto)")
+            from igpt.errors import ConfigError
+
+            raise ConfigError("device=cuda but CUDA is not available here (use device=cpu or device=auto)")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
 
@@ -297,13 +299,23 @@ class Trainer:
         from igpt.data.tokenizer import token_bytes, vocab_size
 
         cfg = self.cfg
+        from igpt.errors import DataError, MissingPathError
+
         index_path = os.path.join(cfg.data.dir, "index.json")
+        if not os.path.isdir(cfg.data.dir):
+            raise MissingPathError(f"data.dir={cfg.data.dir}: no such directory (prepare the data with python -m "
+                                   f"igpt.data.prepare ... output_dir={cfg.data.dir})")
         if not os.path.exists(index_path):
-            raise FileNotFoundError(f"data.dir={cfg.data.dir}: no index.json (prepare it: python -m igpt.data.prepare)")
-        with open(index_path, encoding="utf-8") as f:
-            self.index = json.load(f)
+            raise MissingPathError(f"data.dir={cfg.data.dir}: no index.json (prepare it: python -m igpt.data.prepare)")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                self.index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{index_path}: not valid JSON ({e}); prepare the data again") from None
+        if not isinstance(self.index, dict) or "kind" not in self.index:
+            raise DataError(f"{index_path}: not an igpt index (no 'kind'); prepare the data again")
         if self.index["kind"] != self.stage.kind:
-            raise ValueError(
+            raise DataError(
                 f"stage {cfg.stage.name} reads kind={self.stage.kind} data, but {index_path} holds "
                 f"kind={self.index['kind']} (prepare it with python -m igpt.data.prepare kind={self.stage.kind})"
             )

@@ -9,10 +9,11 @@ taken over, with a warning, when it is provably stale:
 - same host and pid as this process (a run earlier in this process, e.g. tests or a notebook);
 - same Slurm job id (``SLURM_JOB_ID``) as this run: a requeued job (``scontrol requeue``, preemption, the
   ``slurm/`` scripts' requeue on ``preempted``) keeps its job id but may restart on another node, where the old pid
-  cannot be checked; its previous incarnation is dead by then.
+  cannot be checked; its previous incarnation is dead by then;
+- another Slurm job that ``squeue`` reports as ended (a job resubmitted after a node failure).
 
-A lock held by a live process, or by another host outside the same Slurm job, is never taken: if that run is known
-to be dead (its node crashed), delete ``run.lock`` by hand.
+A lock held by a live process, or by another host outside Slurm, is never taken: if that run is known to be dead
+(its node crashed), delete ``run.lock`` by hand.
 """
 
 from __future__ import annotations
@@ -40,6 +41,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _slurm_job_ended(job_id: str) -> bool:
+    """Whether ``squeue`` says Slurm job ``job_id`` has ended (False when squeue is absent or fails: unknown)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("squeue"):
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if out.returncode != 0:  # squeue fails for a job id it no longer knows ("Invalid job id specified")
+        return "Invalid job id" in out.stderr
+    states = out.stdout.split()
+    return not any(s in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
+                   for s in states)
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -74,6 +93,8 @@ class RunLock:
             return "its process is gone"
         if me["slurm_job_id"] and holder.get("slurm_job_id") == me["slurm_job_id"]:
             return f"the same Slurm job {me['slurm_job_id']} (requeued)"
+        if holder.get("slurm_job_id") and _slurm_job_ended(str(holder["slurm_job_id"])):
+            return f"its Slurm job {holder['slurm_job_id']} is no longer running (squeue)"
         return None
 
     def acquire(self) -> None:

@@ -226,10 +226,19 @@ def test_stale_locks_are_taken_over_and_released(tmp_path, monkeypatch, caplog):
     lock.acquire()
     assert "the same Slurm job 4242 (requeued)" in caplog.text
     lock.release()
-    # another job's lock on another host is never taken
+    # another job's lock on another host: taken only when squeue says that job ended
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     _lock(run, host="other-node", pid=1, slurm_job_id="17")
+    squeue.write_text("#!/bin/sh\necho RUNNING\n")
+    squeue.chmod(0o755)
     with pytest.raises(ConfigError, match="pid 1 on host other-node .*Slurm job 17"):
         RunLock(run).acquire()
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    RunLock(run).acquire()
+    assert "its Slurm job 17 is no longer running" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- mismatches

@@ -349,6 +349,13 @@ class ShardLoader:
     def _assemble(self, items: Iterator[dict], dataset: _WorkerDataset, K: int) -> Iterator[dict[str, torch.Tensor]]:
         try:
             yield from self._assemble_batches(items, dataset, K)
+        except CorruptShardError as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            if first.startswith("Caught CorruptShardError"):  # a worker's, re-raised by torch with its traceback text
+                lines = [ln for ln in str(e).splitlines() if "CorruptShardError:" in ln]
+                message = lines[-1].split("CorruptShardError:", 1)[1].strip() if lines else str(e)
+                raise CorruptShardError(f"{message} (in a DataLoader worker)", e.shard) from None
+            raise
         finally:
             # Stop the workers now (on break, exhaustion or a worker's error) rather than when the garbage collector
             # reaches the iterator: collected inside a reference cycle (an exception's traceback) its shutdown waits

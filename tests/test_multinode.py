@@ -1,0 +1,102 @@
+"""A real two-node launch on one machine: two network namespaces joined by a veth pair (private addresses, made and
+removed here), one torchrun agent in each with c10d rendezvous on the first node's address, 1 process per node;
+the run must equal the one-node 2-process run step for step. Skipped where network namespaces cannot be made
+(not root, or no CAP_NET_ADMIN).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.conftest import REPO, TINY
+from tests.trainutil import read_metrics
+
+pytestmark = pytest.mark.dist
+
+STEPS = 4
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def two_nodes():
+    """Namespaces ``(ns_a, ns_b)`` with ``10.77.<n>.1`` and ``10.77.<n>.2`` on the two ends of a veth pair."""
+    tag = uuid.uuid4().hex[:6]
+    ns = (f"igpt-a-{tag}", f"igpt-b-{tag}")
+    veth = (f"va{tag}", f"vb{tag}")
+    net = int(tag, 16) % 250 + 1
+    made: list[str] = []
+    try:
+        for name in ns:
+            if _ip("netns", "add", name).returncode != 0:
+                pytest.skip("cannot create network namespaces here (ip netns add needs root / CAP_NET_ADMIN)")
+            made.append(name)
+        steps = [("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])]
+        for i in (0, 1):
+            steps += [("link", "set", veth[i], "netns", ns[i])]
+        for step in steps:
+            proc = _ip(*step)
+            if proc.returncode:
+                pytest.skip(f"cannot make a veth pair here: ip {' '.join(step)}: {proc.stderr.strip()}")
+        for i in (0, 1):
+            for step in (("addr", "add", f"10.77.{net}.{i + 1}/24", "dev", veth[i]), ("link", "set", veth[i], "up"),
+                         ("link", "set", "lo", "up")):
+                proc = _ip("netns", "exec", ns[i], "ip", *step)
+                assert proc.returncode == 0, proc.stderr
+        yield ns, veth, f"10.77.{net}.1"
+    finally:
+        for name in made:
+            _ip("netns", "del", name)  # removes the veth pair with it
+
+
+def _args(data_dir: str, run_dir: str) -> list[str]:
+    return ["+stage=pretrain", f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=4", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.ckpt_every=0",
+            "trainer.progress=false", "trainer.sample_every_eval=false", "logger.wandb.mode=disabled",
+            "optim.warmup_steps=1", "trainer.eval_batches=1", "strategy=ddp"]
+
+
+def test_two_nodes_in_network_namespaces_equal_one_node(prepared_text_dir, tmp_path, two_nodes):
+    (ns_a, ns_b), (va, vb), master = two_nodes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    one = str(tmp_path / "one")
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "igpt/train.py", *_args(prepared_text_dir, one)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+
+    two = str(tmp_path / "two")
+    agents = []
+    for ns, dev, host in ((ns_a, va, 1), (ns_b, vb, 0)):
+        # is_host: the first agent serves the rendezvous store (torchrun would look for the endpoint among the
+        # addresses of the machine's hostname, which the namespaces' private addresses are not)
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={master}:29531",
+               f"--rdzv_conf=is_host={host}",
+               f"--rdzv_id=igpt-{ns_a}", "igpt/train.py", *_args(prepared_text_dir, two)]  # one rendezvous
+        agents.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "GLOO_SOCKET_IFNAME": dev},
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for agent in agents:
+        try:
+            out, _ = agent.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            for a in agents:
+                a.kill()
+            raise
+        outs.append(out)
+    assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outs)
+
+    got, want = read_metrics(two), read_metrics(one)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, (step, got[step]["loss"], want[step]["loss"])
+    logs = sorted(os.listdir(os.path.join(two, "logs")))
+    assert logs == ["rank0.log", "rank1.log"], logs

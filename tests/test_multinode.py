@@ -1,6 +1,7 @@
 """A real two-node launch on one machine: two network namespaces joined by a veth pair (private addresses, made and
-removed here), one torchrun agent in each with c10d rendezvous on the first node's address, 1 process per node;
-the run must equal the one-node 2-process run step for step. Skipped where network namespaces cannot be made
+removed here), one torchrun agent in each with c10d rendezvous on the first node's address, 1 process per node,
+gloo over the veth pair; the run must equal the one-node 2-process run step for step. (slurmd is not run: this is
+the torchrun equivalent of ``slurm/launch.sh`` on two nodes.) Skipped where network namespaces cannot be made
 (not root, or no CAP_NET_ADMIN).
 """
 
@@ -50,7 +51,7 @@ def two_nodes():
                          ("link", "set", "lo", "up")):
                 proc = _ip("netns", "exec", ns[i], "ip", *step)
                 assert proc.returncode == 0, proc.stderr
-        yield ns, veth, f"10.77.{net}.1"
+        yield ns, veth, (f"10.77.{net}.1", f"10.77.{net}.2")
     finally:
         for name in made:
             _ip("netns", "del", name)  # removes the veth pair with it
@@ -64,7 +65,7 @@ def _args(data_dir: str, run_dir: str) -> list[str]:
 
 
 def test_two_nodes_in_network_namespaces_equal_one_node(prepared_text_dir, tmp_path, two_nodes):
-    (ns_a, ns_b), (va, vb), master = two_nodes
+    (ns_a, ns_b), (va, vb), (addr_a, addr_b) = two_nodes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     one = str(tmp_path / "one")
     ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -74,19 +75,19 @@ def test_two_nodes_in_network_namespaces_equal_one_node(prepared_text_dir, tmp_p
 
     two = str(tmp_path / "two")
     agents = []
-    for ns, dev, host in ((ns_a, va, 1), (ns_b, vb, 0)):
-        # is_host: the first agent serves the rendezvous store (torchrun would look for the endpoint among the
-        # addresses of the machine's hostname, which the namespaces' private addresses are not)
+    for ns, dev, addr, host in ((ns_a, va, addr_a, 1), (ns_b, vb, addr_b, 0)):
+        # is_host: the first agent serves the rendezvous store, and local_addr: each agent's own address (torchrun
+        # would look both up from the machine's hostname, whose address the namespaces cannot reach)
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={master}:29531",
-               f"--rdzv_conf=is_host={host}",
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={addr_a}:29531",
+               f"--rdzv_conf=is_host={host}", f"--local_addr={addr}",
                f"--rdzv_id=igpt-{ns_a}", "igpt/train.py", *_args(prepared_text_dir, two)]  # one rendezvous
         agents.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "GLOO_SOCKET_IFNAME": dev},
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     for agent in agents:
         try:
-            out, _ = agent.communicate(timeout=400)
+            out, _ = agent.communicate(timeout=240)
         except subprocess.TimeoutExpired:
             for a in agents:
                 a.kill()

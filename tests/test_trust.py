@@ -101,6 +101,23 @@ def test_non_tensor_dcp_entries_are_read_weights_only(tmp_path):
     assert state["groups"] == (0.1, (0.9, 0.95), "w")  # plain data still loads
 
 
+def test_legacy_deepspeed_checkpoint_is_refused_not_unpickled(tmp_path):
+    """Failure 1: the legacy ZeRO resume path (DeepSpeed's per-rank files) unpickled with weights_only=False (fails
+    on the old code: it calls engine.load_checkpoint)."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("deepspeed")
+    from igpt.parallel.zero import DS_DIR, ZeroWrapped
+
+    os.makedirs(tmp_path / DS_DIR / "state")
+    called = []
+    fake = SimpleNamespace(name="policy", strategy=SimpleNamespace(name="zero2", world_size=1),
+                           engine=SimpleNamespace(load_checkpoint=lambda *a, **k: called.append(a) or (None, None)))
+    with pytest.raises(CheckpointError, match="DeepSpeed's own per-rank files.*init_from="):
+        ZeroWrapped.load(fake, str(tmp_path), {"strategy": "zero2", "world_size": 1})
+    assert not called
+
+
 # ---------------------------------------------------------------------------------------------------- checksums
 def _base(data_dir: str, run_dir: str, *extra: str) -> list[str]:
     from tests.conftest import TINY

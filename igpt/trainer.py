@@ -132,6 +132,8 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         # fault injection for tests: rank 0's first micro-batch gets a NaN loss at these steps (comma list)
         self._fault_nan_steps = {int(s) for s in os.environ.get("IGPT_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+        # fault injection for tests: this process SIGKILLs itself right after this step (a node lost mid-run)
+        self._fault_kill_step = int(os.environ.get("IGPT_FAULT_KILL_STEP", "0") or 0)
         self.stage.prepare(self)
         self._build_models(resuming=resume_from is not None)
         self.stage.setup(self)
@@ -673,6 +675,9 @@ class Trainer:
                 if stop and self.step < tcfg.max_steps:
                     self._preempted(stop)
                     break
+                if self.step == self._fault_kill_step:
+                    log.warning("IGPT_FAULT_KILL_STEP: killing this process (SIGKILL) after step %d", self.step)
+                    os.kill(os.getpid(), signal.SIGKILL)
             if progress is not None:
                 progress.close()
             return last_eval

@@ -1,6 +1,7 @@
 """A real two-node launch on one machine: two network namespaces joined by a veth pair (private addresses, made and
 removed here), one torchrun agent in each with c10d rendezvous on the first node's address, 1 process per node,
-gloo over the veth pair; the run must equal the one-node 2-process run step for step. (slurmd is not run: this is
+gloo over the veth pair; the run must equal the one-node 2-process run step for step, a node killed mid-run must end
+the job on both nodes, and the relaunch must resume exactly. (slurmd is not run: this is
 the torchrun equivalent of ``slurm/launch.sh`` on two nodes.) Skipped where network namespaces cannot be made
 (not root, or no CAP_NET_ADMIN).
 """
@@ -15,11 +16,11 @@ import uuid
 import pytest
 
 from tests.conftest import REPO, TINY
-from tests.trainutil import read_metrics
+from tests.trainutil import read_metrics, train_steps
 
 pytestmark = pytest.mark.dist
 
-STEPS = 4
+STEPS = 6
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -59,32 +60,26 @@ def two_nodes():
 
 def _args(data_dir: str, run_dir: str) -> list[str]:
     return ["+stage=pretrain", f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY, "trainer.global_batch_size=8",
-            "trainer.micro_batch_size=4", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.ckpt_every=0",
+            "trainer.micro_batch_size=4", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.ckpt_every=2",
             "trainer.progress=false", "trainer.sample_every_eval=false", "logger.wandb.mode=disabled",
             "optim.warmup_steps=1", "trainer.eval_batches=1", "strategy=ddp"]
 
 
-def test_two_nodes_in_network_namespaces_equal_one_node(prepared_text_dir, tmp_path, two_nodes):
+def _two_node_run(two_nodes, args: list[str], port: int, env: dict, env_b: dict | None = None):
+    """Start one torchrun agent per namespace (1 process each, c10d rendezvous on node A) and wait for both;
+    returns ``[(returncode, output), ...]`` for nodes A and B."""
     (ns_a, ns_b), (va, vb), (addr_a, addr_b) = two_nodes
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    one = str(tmp_path / "one")
-    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "igpt/train.py", *_args(prepared_text_dir, one)], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=400)
-    assert ref.returncode == 0, ref.stderr[-4000:]
-
-    two = str(tmp_path / "two")
     agents = []
-    for ns, dev, addr, host in ((ns_a, va, addr_a, 1), (ns_b, vb, addr_b, 0)):
-        # is_host: the first agent serves the rendezvous store, and local_addr: each agent's own address (torchrun
+    for ns, dev, addr, host, extra in ((ns_a, va, addr_a, 1, {}), (ns_b, vb, addr_b, 0, env_b or {})):
+        # is_host: node A's agent serves the rendezvous store, and local_addr: each agent's own address (torchrun
         # would look both up from the machine's hostname, whose address the namespaces cannot reach)
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={addr_a}:29531",
-               f"--rdzv_conf=is_host={host}", f"--local_addr={addr}",
-               f"--rdzv_id=igpt-{ns_a}", "igpt/train.py", *_args(prepared_text_dir, two)]  # one rendezvous
-        agents.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "GLOO_SOCKET_IFNAME": dev},
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={addr_a}:{port}",
+               f"--rdzv_conf=is_host={host}", f"--local_addr={addr}", f"--rdzv_id=igpt-{ns_a}-{port}",
+               "igpt/train.py", *args]
+        agents.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "GLOO_SOCKET_IFNAME": dev, **extra},
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
+    results = []
     for agent in agents:
         try:
             out, _ = agent.communicate(timeout=240)
@@ -92,12 +87,43 @@ def test_two_nodes_in_network_namespaces_equal_one_node(prepared_text_dir, tmp_p
             for a in agents:
                 a.kill()
             raise
-        outs.append(out)
-    assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outs)
+        results.append((agent.returncode, out))
+    return results
 
-    got, want = read_metrics(two), read_metrics(one)
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+
+def test_two_nodes_in_network_namespaces_equal_one_node(prepared_text_dir, tmp_path, two_nodes):
+    """2 nodes x 1 process equal 1 node x 2 processes step for step; a node killed mid-run (its process SIGKILLed
+    after step 3) ends the job on both nodes with the root cause, and the relaunch (a requeue) resumes from the step-2
+    checkpoint exactly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    one = str(tmp_path / "one")
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "igpt/train.py", *_args(prepared_text_dir, one)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    want = read_metrics(one)
+    assert sorted(want) == list(range(1, STEPS + 1))
+
+    two = str(tmp_path / "two")
+    results = _two_node_run(two_nodes, _args(prepared_text_dir, two), 29531, env)
+    assert all(rc == 0 for rc, _ in results), "\n".join(out[-3000:] for _, out in results)
+    got = read_metrics(two)
+    assert sorted(got) == sorted(want)
     for step in want:
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, (step, got[step]["loss"], want[step]["loss"])
-    logs = sorted(os.listdir(os.path.join(two, "logs")))
-    assert logs == ["rank0.log", "rank1.log"], logs
+    assert sorted(os.listdir(os.path.join(two, "logs"))) == ["rank0.log", "rank1.log"]
+
+    # node B lost after step 3: both agents end, non-zero, and node B's names the signal
+    lost = str(tmp_path / "lost")
+    results = _two_node_run(two_nodes, _args(prepared_text_dir, lost), 29532, env, {"IGPT_FAULT_KILL_STEP": "3"})
+    assert all(rc != 0 for rc, _ in results), [rc for rc, _ in results]
+    assert "SIGKILL" in results[1][1], results[1][1][-3000:]
+    assert train_steps(lost)[:2] == [1, 2]
+    # the requeue: the same command on both nodes resumes from step 2 and ends equal to the uninterrupted run
+    results = _two_node_run(two_nodes, _args(prepared_text_dir, lost), 29533, env)
+    assert all(rc == 0 for rc, _ in results), "\n".join(out[-3000:] for _, out in results)
+    assert "resumed from" in open(os.path.join(lost, "logs", "rank0.log")).read()
+    got = read_metrics(lost)
+    assert train_steps(lost)[-(STEPS - 2):] == list(range(3, STEPS + 1))
+    for step in want:
+        assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, (step, got[step]["loss"], want[step]["loss"])

@@ -51,6 +51,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "wandb>=0.17",
+        "xxhash>=3",  # checkpoint and shard checksums (xxh3_64)
         "deepspeed>=0.16",
     ],
     extras_require={

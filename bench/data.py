@@ -26,8 +26,10 @@ import webdataset as wds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from igpt.checksum import file_checksum  # noqa: E402
+from igpt.data import partition  # noqa: E402
 from igpt.data.loader import ShardLoader  # noqa: E402
-from igpt.data.partition import Shard, read_index  # noqa: E402
+from igpt.data.partition import SHARD_CHECKSUM, Shard, read_index  # noqa: E402
 
 
 def build_synthetic(root: str, tokens: int, vocab: int = 32000, shard_tokens: int = 1_000_000, seed: int = 0) -> int:
@@ -56,6 +58,8 @@ def build_synthetic(root: str, tokens: int, vocab: int = 32000, shard_tokens: in
         cur["tokens"] += len(doc)
         cur["bytes"] += 4 * len(doc)
     writer.close()
+    for shard in shards:  # as prepare records them (the loader verifies each shard once)
+        shard[SHARD_CHECKSUM] = file_checksum(os.path.join(root, shard["name"]))
     split = {k: sum(s[k] for s in shards) for k in ("samples", "tokens", "bytes")}
     index = {
         "version": 1,
@@ -88,9 +92,13 @@ def bench_reader(root: str) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def bench_loader(root: str, seq_len: int, batch: int, workers: int, tokens: int) -> tuple[int, float, float]:
-    """Read about ``tokens`` tokens; return (tokens, seconds after the first batch, seconds to the first batch)."""
-    loader = ShardLoader(root, "train", seq_len=seq_len, global_batch_size=batch, num_workers=workers, seed=0)
+def bench_loader(root: str, seq_len: int, batch: int, workers: int, tokens: int,
+                 verify: bool = True) -> tuple[int, float, float]:
+    """Read about ``tokens`` tokens; return (tokens, seconds after the first batch, seconds to the first batch).
+    ``verify``: check each shard's checksum when first opened (``data.verify``; forgotten here before each run)."""
+    partition._VERIFIED.clear()
+    loader = ShardLoader(root, "train", seq_len=seq_len, global_batch_size=batch, num_workers=workers, seed=0,
+                         verify=verify)
     t0 = time.perf_counter()
     it = iter(loader)
     first = next(it)
@@ -163,6 +171,8 @@ def main() -> None:
             print(f"measuring ShardLoader with {w} workers ...", flush=True)
             n, dt, startup = bench_loader(root, args.seq_len, args.batch, w, args.tokens)
             rows.append((f"ShardLoader, {w} workers", n / dt, f"first batch after {startup:.2f} s"))
+            n, dt, startup = bench_loader(root, args.seq_len, args.batch, w, args.tokens, verify=False)
+            rows.append((f"ShardLoader, {w} workers, verify off", n / dt, f"first batch after {startup:.2f} s"))
         print(f"\n{'reader':32s} {'tokens/s':>12s}")
         for name, rate, note in rows:
             print(f"{name:32s} {rate / 1e6:10.1f} M  {note}")

@@ -17,12 +17,18 @@ naming the file.
 
 A checkpoint is written into ``.tmp-step_XXXXXXX`` and renamed only when every rank has finished writing, and
 ``latest`` is replaced (write + ``os.replace``) only after the rename, so a run killed mid-write leaves the previous
-checkpoint intact. ``meta.json`` records every file with its size; ``find_latest`` checks them and falls back to the
-newest complete checkpoint, with a warning, when ``latest`` names a partial or corrupt one.
+checkpoint intact. ``meta.json`` records every file with its size and its xxh3_64 checksum (``"checksums"``);
+``find_latest`` (resume) checks both and falls back to the newest intact checkpoint, with a warning naming the bad
+file, when ``latest`` names a partial or corrupt one; ``open_source`` (generate, export, init_from) verifies the files
+of the weights it reads. Checkpoints from before checksums are checked by size alone.
+
+DCP folders (FSDP's ``model/`` and ``optim/``) are read through ``igpt.safe_load``: their pickled ``.metadata`` may
+name only DCP's metadata types, so a crafted checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +40,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from igpt.checksum import ALGORITHM, file_checksum
+from igpt.errors import CheckpointError, MissingPathError
 
 log = logging.getLogger("igpt")
 
@@ -58,11 +67,16 @@ def _fsync_dir(path: str) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _file_sizes(ckpt_dir: str) -> dict[str, int]:
@@ -76,44 +90,78 @@ def _file_sizes(ckpt_dir: str) -> dict[str, int]:
     return sizes
 
 
-def is_complete(ckpt_dir: str) -> tuple[bool, str]:
-    """A checkpoint is complete when meta.json parses and every file it lists exists with its recorded size."""
+CHECKSUM = ALGORITHM  # meta.json "checksum": the algorithm of "checksums" (xxhash's XXH3, 64 bits)
+#: files a reader of the weights alone (generate, export, init_from) need not verify: optimizer and training state
+TRAIN_ONLY_FILES = ("optimizer.pt", "optimizer.safetensors", "train_state.pt")
+
+
+def _train_only(rel: str) -> bool:
+    parts = rel.replace(os.sep, "/").split("/")
+    return parts[-1] in TRAIN_ONLY_FILES or "optim" in parts[:-1]  # FSDP's optimizer shards: optim/
+
+
+def _checksums(ckpt_dir: str, files: dict[str, int]) -> dict[str, str]:
+    return {rel: file_checksum(os.path.join(ckpt_dir, rel)) for rel in sorted(files)}
+
+
+def is_complete(ckpt_dir: str, verify: bool = False, weights_only: bool = False) -> tuple[bool, str]:
+    """A checkpoint is complete when meta.json parses and every file it lists exists with its recorded size; with
+    ``verify`` also with its recorded checksum (``weights_only``: the weights' files only, not the optimizer's). A
+    checkpoint written before checksums were recorded is checked by size alone. ``(ok, why)``: why names the file."""
     meta_path = os.path.join(ckpt_dir, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         return False, f"{meta_path}: {e}"
-    for rel, size in meta.get("files", {}).items():
+    files = meta.get("files", {})
+    for rel, size in files.items():
         path = os.path.join(ckpt_dir, rel)
         if not os.path.exists(path):
             return False, f"{path} is missing"
         if os.path.getsize(path) != size:
             return False, f"{path} has {os.path.getsize(path)} bytes, meta.json recorded {size}"
+    sums = meta.get("checksums") if verify else None
+    if sums and meta.get("checksum", CHECKSUM) == CHECKSUM:
+        for rel, want in sums.items():
+            if weights_only and _train_only(rel):
+                continue
+            path = os.path.join(ckpt_dir, rel)
+            if not os.path.exists(path):
+                return False, f"{path} is missing"
+            got = file_checksum(path)
+            if got != want:
+                return False, (f"{path} is corrupt: its {CHECKSUM} checksum is {got}, meta.json recorded {want} "
+                               f"(same size, different bytes)")
     return True, ""
 
 
-def find_latest(run_dir: str) -> str | None:
-    """The newest complete checkpoint of a run (or None); warns when ``latest`` names a broken one."""
+def find_latest(run_dir: str, verify: bool = True, weights_only: bool = False) -> str | None:
+    """The newest complete checkpoint of a run (or None); warns when ``latest`` names a broken one, naming the broken
+    file. ``verify``: also compare every file's checksum with meta.json's (``weights_only``: the weights' only)."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_root):
         return None
     latest_file = os.path.join(ckpt_root, "latest")
+    named = None
     if os.path.exists(latest_file):
         with open(latest_file, encoding="utf-8") as f:
             named = os.path.join(ckpt_root, f.read().strip())
-        ok, why = is_complete(named)
+        ok, why = is_complete(named, verify, weights_only)
         if ok:
             return named
-        log.warning("checkpoint %s named by %s is incomplete (%s); looking for an older one", named, latest_file, why)
+        log.warning("checkpoint %s named by %s is incomplete or corrupt (%s); looking for an older one", named,
+                    latest_file, why)
     steps = sorted((int(m.group(1)), d) for d in os.listdir(ckpt_root) if (m := STEP_RE.match(d)))
     for _, d in reversed(steps):
         path = os.path.join(ckpt_root, d)
-        ok, why = is_complete(path)
+        if path == named:
+            continue  # checked above
+        ok, why = is_complete(path, verify, weights_only)
         if ok:
-            log.warning("resuming from %s, the newest complete checkpoint", path)
+            log.warning("resuming from %s, the newest complete checkpoint (sizes and checksums agree)", path)
             return path
-        log.warning("skipping incomplete checkpoint %s (%s)", path, why)
+        log.warning("skipping incomplete or corrupt checkpoint %s (%s)", path, why)
     return None
 
 
@@ -121,9 +169,9 @@ def resolve(path: str) -> str:
     """A checkpoint dir, or a run dir meaning its newest complete checkpoint."""
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    found = find_latest(path)
+    found = find_latest(path, verify=False)  # open_source verifies the weights of the one it picks
     if found is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no meta.json) nor a run dir with a complete checkpoint")
+        raise MissingPathError(f"{path}: neither a checkpoint (no meta.json) nor a run dir with a complete checkpoint")
     return found
 
 
@@ -139,12 +187,14 @@ def model_dir(ckpt_dir: str, role: str | None = None) -> str:
     meta = read_meta(ckpt_dir)
     roles = meta.get("models", {})
     if role not in roles:
-        raise ValueError(f"{ckpt_dir}: no model with role {role!r} (it holds {sorted(roles) or ['the main model']})")
+        raise CheckpointError(
+            f"{ckpt_dir}: no model with role {role!r} (it holds {sorted(roles) or ['the main model']})"
+        )
     return os.path.normpath(os.path.join(ckpt_dir, roles[role]["dir"]))
 
 
-def _safetensors_error(path: str, e: Exception) -> ValueError:
-    return ValueError(
+def _safetensors_error(path: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
         f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt (copy or download it again)"
     )
 
@@ -152,7 +202,7 @@ def _safetensors_error(path: str, e: Exception) -> ValueError:
 def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """Full model weights from a folder of any strategy: ``model.safetensors`` or sharded DCP ``model/``.
 
-    A truncated or corrupt weights file is a ValueError naming it."""
+    A truncated or corrupt weights file is a CheckpointError naming it."""
     st = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.exists(st):
         from safetensors.torch import load_file
@@ -164,13 +214,13 @@ def read_model_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     dcp_dir = os.path.join(ckpt_dir, "model")
     if os.path.isdir(dcp_dir):
         return read_dcp(dcp_dir)
-    raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or model/ (DCP) weights")
+    raise MissingPathError(f"{ckpt_dir}: no model.safetensors or model/ (DCP) weights")
 
 
 def read_dcp(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a torch.distributed.checkpoint folder, read in one process without a process group (shapes
     from the checkpoint's metadata; keys flattened as DCP stores them, e.g. ``optim.state.<param>.exp_avg``).
-    An unreadable folder is a ValueError naming it."""
+    An unreadable (or unsafe: igpt.safe_load) folder is a CheckpointError naming it."""
     reader, md = _dcp_metadata(path)
     state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()}
     _dcp_load(state, reader, path)
@@ -178,26 +228,36 @@ def read_dcp(path: str) -> dict[str, torch.Tensor]:
 
 
 def _dcp_metadata(dcp_dir: str):
-    """``(reader, {name: TensorStorageMetadata})`` of a DCP checkpoint folder; ValueError naming it if unreadable."""
-    import torch.distributed.checkpoint as dcp
+    """``(reader, {name: TensorStorageMetadata})`` of a DCP checkpoint folder, its metadata read safely
+    (``igpt.safe_load``); CheckpointError naming it if unreadable or unsafe."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(dcp_dir)
-    try:
-        md = reader.read_metadata()
-    except Exception as e:
-        raise ValueError(f"{dcp_dir}: unreadable torch.distributed.checkpoint metadata ({e!r})") from None
+    from igpt.safe_load import SafeReader
+
+    if not os.path.exists(os.path.join(dcp_dir, ".metadata")):
+        raise CheckpointError(f"{dcp_dir}: no .metadata (not a torch.distributed.checkpoint folder, or incomplete)")
+    reader = SafeReader(dcp_dir)
+    md = reader.read_metadata()  # restricted unpickler: CheckpointError on anything but DCP metadata types
     return reader, {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
 def _dcp_load(state: dict[str, torch.Tensor], reader, dcp_dir: str) -> None:
     """Read ``state``'s tensors in place from DCP shards, without a process group."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from igpt.safe_load import SafeLoadPlanner, raise_inner
 
     try:
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    except CheckpointException as e:  # a BaseException holding each rank's failure
+        raise_inner(e, dcp_dir)
+    except CheckpointError:
+        raise
     except Exception as e:  # DCP wraps a short read in CheckpointException
-        raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
+        raise CheckpointError(
+            f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})"
+        ) from None
 
 
 class _DcpRows:
@@ -257,7 +317,7 @@ class _DcpRows:
             with open(path, "rb") as f:
                 f.seek(base + (a - c0) * width * elsize)
                 if f.readinto(dest) != dest.nbytes:
-                    raise ValueError(f"{self.dcp_dir}: {path} ends early; a shard is truncated or corrupt")
+                    raise CheckpointError(f"{self.dcp_dir}: {path} ends early; a shard is truncated or corrupt")
         return out
 
 
@@ -265,16 +325,18 @@ def _dcp_load_rows(reader, dcp_dir: str, name: str, md, rows: tuple[int, int]) -
     """Rows ``[r0, r1)`` of tensor ``name`` of a DCP folder, read without a process group: only the stored chunks
     (a writing rank's shards) that overlap them are read, and only what overlaps is copied."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    from igpt.safe_load import SafeLoadPlanner, raise_inner
 
     r0, r1 = rows
     size = tuple(md.size)
     out = torch.empty((r1 - r0, *size[1:]), dtype=md.properties.dtype)
 
-    class RowsPlanner(DefaultLoadPlanner):
+    class RowsPlanner(SafeLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
             chunk = ChunkStorageMetadata(offsets=torch.Size([r0] + [0] * (len(size) - 1)), sizes=out.shape)
             return LoadPlan(create_read_items_for_chunk_list(name, md, [chunk]))
@@ -284,8 +346,14 @@ def _dcp_load_rows(reader, dcp_dir: str, name: str, md, rows: tuple[int, int]) -
 
     try:
         dcp.load({name: out}, storage_reader=reader, planner=RowsPlanner(), no_dist=True)
+    except CheckpointException as e:  # a BaseException holding each rank's failure
+        raise_inner(e, dcp_dir)
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise ValueError(f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})") from None
+        raise CheckpointError(
+            f"{dcp_dir}: cannot read the DCP weights; a shard is truncated or corrupt ({e!r})"
+        ) from None
     return out
 
 
@@ -308,9 +376,9 @@ def load_weights(
         bad = [k for k in missing if k not in heads]
         unexpected = [k for k in unexpected if k not in heads]
         if bad or unexpected:
-            raise ValueError(f"{source}: weights do not match the model: missing {bad}, unexpected {unexpected}")
+            raise CheckpointError(f"{source}: weights do not match the model: missing {bad}, unexpected {unexpected}")
     elif missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
     model.load_state_dict(state, assign=assign, strict=strict)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
@@ -396,7 +464,7 @@ class WeightsSource:
         else:
             files = {os.path.join(self.folder, "model.safetensors"): []}
             if not os.path.exists(next(iter(files))):
-                raise FileNotFoundError(f"{self.folder}: no model.safetensors or model/ (DCP) weights")
+                raise MissingPathError(f"{self.folder}: no model.safetensors or model/ (DCP) weights")
         yield from self._safetensors_entries(files)
 
     def _safetensors_entries(self, files: dict[str, list[str]]):
@@ -413,7 +481,9 @@ class WeightsSource:
                 names = set(f.keys())
                 absent = sorted(set(listed) - names)
                 if absent:
-                    raise ValueError(f"{path}: the index lists {absent[:3]} in this shard, but it does not hold them")
+                    raise CheckpointError(
+                        f"{path}: the index lists {absent[:3]} in this shard, but it does not hold them"
+                    )
                 for name in sorted(names):
                     ours = name if self.kind == "igpt" else igpt_name(name)
                     if ours is None:
@@ -506,15 +576,17 @@ class WeightsSource:
                 log.info("%s: %s has %d rows for %d tokens: the %d new rows start at the mean row", self.where,
                          name, shape[0], want[0], want[0] - shape[0])
             else:
-                raise ValueError(f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
-                                 f"expects {list(want)}")
+                raise CheckpointError(
+                    f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
+                    f"expects {list(want)}"
+                )
             loaded.add(name)
         if bar is not None:
             bar.close()
         missing = sorted(k for k in targets if k not in loaded and not (tied and k == "lm_head.weight"))
         bad = missing if strict else [k for k in missing if k not in heads]
         if bad or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.where}: weights do not match the model: missing {bad}, unexpected {sorted(unexpected)}"
             )
         if tied and shards is None:
@@ -530,10 +602,10 @@ def open_source(path: str, key: str = "checkpoint", role: str | None = None) -> 
     from igpt.config import ModelConfig
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{key}={path}: no such directory")
+        raise MissingPathError(f"{key}={path}: no such directory")
     if hub.is_model_folder(path):
         if role is not None:
-            raise ValueError(f"{key}={path}: a Hugging Face model folder holds one model, not a {role!r} role")
+            raise CheckpointError(f"{key}={path}: a Hugging Face model folder holds one model, not a {role!r} role")
         config = hub.read_config(path)
         cfg, head = hub.model_config(config, os.path.join(path, hub.CONFIG))
         meta = {"stage": None, "model": asdict(cfg), "hf_config": config, "tokenizer": "tokenizer.json",
@@ -543,20 +615,24 @@ def open_source(path: str, key: str = "checkpoint", role: str | None = None) -> 
     try:
         ckpt = resolve(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{key}={path}: {e}; a Hugging Face model folder needs config.json and model.safetensors (or "
             f"model.safetensors.index.json)"
         ) from None
-    ok, why = is_complete(ckpt)
+    ok, why = is_complete(ckpt, verify=True, weights_only=True)
     if not ok:
-        raise ValueError(f"{key}={path}: checkpoint {ckpt} is incomplete or corrupt: {why}")
+        raise CheckpointError(f"{key}={path}: checkpoint {ckpt} is incomplete or corrupt: {why}")
     meta = read_meta(ckpt)
     if "model" not in meta:
-        raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: no 'model' entry (the ModelConfig the weights belong to)")
+        raise CheckpointError(
+            f"{os.path.join(ckpt, 'meta.json')}: no 'model' entry (the ModelConfig the weights belong to)"
+        )
     try:
         cfg = ModelConfig(**meta["model"])
     except TypeError as e:
-        raise ValueError(f"{os.path.join(ckpt, 'meta.json')}: 'model' does not fit igpt's ModelConfig ({e})") from None
+        raise CheckpointError(
+            f"{os.path.join(ckpt, 'meta.json')}: 'model' does not fit igpt's ModelConfig ({e})"
+        ) from None
     folder = model_dir(ckpt, role)
     mean = float(meta.get("reward_norm", {}).get("mean", 0.0)) if role is None else 0.0
     return WeightsSource(ckpt, "igpt", cfg, model_head(meta, role), meta, folder, mean, meta.get("hf_config"), key)
@@ -655,43 +731,80 @@ def save(
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".tmp-{name}")
     dirs = {role: "." if i == 0 else role for i, role in enumerate(models)}
-    if strategy.rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for d in dirs.values():
-            os.makedirs(os.path.join(tmp, d), exist_ok=True)
-    strategy.barrier()
-    for role, handle in models.items():
-        handle.save(os.path.join(tmp, dirs[role]))
-    if strategy.rank == 0:
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-        if tokenizer_path:  # the tokenizer and the files of its chat format (igpt.data.chat.FORMAT_FILES)
-            from igpt.data.chat import FORMAT_FILES
+    try:
+        if strategy.rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for d in dirs.values():
+                os.makedirs(os.path.join(tmp, d), exist_ok=True)
+        strategy.barrier()
+        for role, handle in models.items():
+            handle.save(os.path.join(tmp, dirs[role]))
+        if strategy.rank == 0:
+            torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+            if tokenizer_path:  # the tokenizer and the files of its chat format (igpt.data.chat.FORMAT_FILES)
+                from igpt.data.chat import FORMAT_FILES
 
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
-            for extra in FORMAT_FILES[1:]:
-                src = os.path.join(os.path.dirname(tokenizer_path), extra)
-                if os.path.exists(src):
-                    shutil.copyfile(src, os.path.join(tmp, extra))
-        pause = float(os.environ.get("IGPT_FAULT_CKPT_PAUSE_S", "0") or 0)
-        if pause > 0:  # fault injection for tests: a window in which a kill leaves a partial checkpoint
-            log.warning("IGPT_FAULT_CKPT_PAUSE_S: pausing %.1fs inside the checkpoint write", pause)
-            time.sleep(pause)
-    strategy.barrier()  # every rank's shards are on disk
-    if strategy.rank == 0:
-        roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}
-        meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": _file_sizes(tmp), "time": time.time()}
-        write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        write_text_atomic(os.path.join(root, "latest"), name + "\n")
-        _prune(root, keep_last)
+                shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+                for extra in FORMAT_FILES[1:]:
+                    src = os.path.join(os.path.dirname(tokenizer_path), extra)
+                    if os.path.exists(src):
+                        shutil.copyfile(src, os.path.join(tmp, extra))
+            pause = float(os.environ.get("IGPT_FAULT_CKPT_PAUSE_S", "0") or 0)
+            if pause > 0:  # fault injection for tests: a window in which a kill leaves a partial checkpoint
+                log.warning("IGPT_FAULT_CKPT_PAUSE_S: pausing %.1fs inside the checkpoint write", pause)
+                time.sleep(pause)
+        strategy.barrier()  # every rank's shards are on disk
+        if strategy.rank == 0:
+            roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}
+            files = _file_sizes(tmp)
+            meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": files, "checksum": CHECKSUM,
+                    "checksums": _checksums(tmp, files), "time": time.time()}
+            write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            write_text_atomic(os.path.join(root, "latest"), name + "\n")
+            _prune(root, keep_last)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints and ``latest`` are untouched
+        if _no_space(e, root):
+            raise CheckpointError(
+                f"no space left on {root} ({_free(root)} free) while writing checkpoint {name}: the partial "
+                f"checkpoint {tmp} was removed and the previous checkpoints are intact; free some space (or lower "
+                f"trainer.keep_last) and resume with resume=auto"
+            ) from None
+        raise
     strategy.barrier()
     return final
+
+
+def _free(path: str) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "? MiB"
+
+
+def _no_space(e: BaseException, root: str) -> bool:
+    """Whether a failed write ran out of disk space: ENOSPC/EDQUOT, or torch's zip writer's own report of a short
+    write (``unexpected pos ... vs ...``, ``file write failed``) on a nearly full filesystem."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if "No space left" in text or "Disk quota exceeded" in text:
+        return True
+    if isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text):
+        try:
+            return shutil.disk_usage(root).free < 64 << 20
+        except OSError:
+            return True
+    return False
 
 
 def _prune(root: str, keep_last: int) -> None:

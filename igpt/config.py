@@ -161,6 +161,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers per rank
     shuffle: bool = True
     skip_corrupt: bool = False  # skip (count, warn) truncated or corrupt shards instead of failing
+    verify: bool = True  # check each shard's xxh3_64 checksum (index.json) once per process when first opened
 
 
 @dataclass
@@ -248,12 +249,20 @@ class Config:
     init_from: str | None = None  # a checkpoint dir (or run dir) whose weights start this run
     reference_from: str | None = None  # DPO / PPO's frozen reference (default: init_from)
     resume: str = "auto"  # auto | never
+    # error | allow: init_from (reference_from, reward.model) whose tokenizer differs from the data's
+    tokenizer_mismatch: str = "error"
     precision: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
 
 
+POSITIVE = (  # config keys that must be >= 1 (validate)
+    "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
+    "model.max_seq_len", "model.head_dim", "trainer.global_batch_size", "trainer.micro_batch_size", "trainer.seq_len",
+)
+
 CHOICES = {
     "resume": ("auto", "never"),
+    "tokenizer_mismatch": ("error", "allow"),
     "precision": ("fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "stage.name": tuple(STAGES),
@@ -272,16 +281,25 @@ _CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 def import_callable(spec: str, key: str, expected: str = "of the form module:function") -> Callable:
-    """``package.module:function`` -> the callable; ValueError naming the config ``key``, ``spec`` and what failed."""
+    """``package.module:function`` -> the callable; ConfigError naming the config ``key``, ``spec`` and what failed.
+
+    This IMPORTS AND RUNS USER CODE: importing ``module`` executes it (from the working directory or ``sys.path``),
+    and the caller then calls ``function``. Name only modules you trust; a config file or a command line from someone
+    else can run anything through a key that takes a callable (``reward.functions``, ...)."""
+    from igpt.errors import ConfigError
+
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"{key}: {spec!r} is not {expected}")
+        raise ConfigError(f"{key}: {spec!r} is not {expected} (igpt imports that module and runs the function)")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"{key}: cannot import {spec!r} ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"{key}: cannot import {spec!r} ({type(e).__name__}: {e}); {key} imports and runs user code: the "
+            f"module must be importable from the working directory or sys.path"
+        ) from None
     if not callable(fn):
-        raise ValueError(f"{key}: {spec!r} is not callable")
+        raise ConfigError(f"{key}: {spec!r} is not callable")
     return fn
 
 
@@ -313,35 +331,44 @@ def register() -> None:
 def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     """Re-check a composed config against the schema and return it as a typed ``Config``.
 
-    Raises ``ValueError`` naming the first unknown key, wrong type or disallowed value.
+    Raises :class:`igpt.errors.ConfigError` (a ValueError) naming the first unknown key, wrong type or disallowed
+    value.
     """
     from omegaconf.errors import ConfigKeyError, ValidationError
+
+    from igpt.errors import ConfigError
 
     schema = OmegaConf.structured(Config)
     raw = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     try:
         merged = OmegaConf.merge(schema, raw)
     except ConfigKeyError as e:
-        raise ValueError(f"unknown config key {e.full_key!r}: it is not in igpt's schema (igpt/config.py)") from None
+        raise ConfigError(f"unknown config key {e.full_key!r}: it is not in igpt's schema (igpt/config.py)") from None
     except ValidationError as e:
-        raise ValueError(f"config key {e.full_key!r}: {e.msg}") from None
+        raise ConfigError(f"config key {e.full_key!r}: {e.msg}") from None
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(merged, key)
         if value not in allowed:
-            raise ValueError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
+            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
     kind = STAGES[merged.stage.name].kind
     if merged.stage.kind not in (None, kind):
-        raise ValueError(
+        raise ConfigError(
             f"config key 'stage.kind' is {merged.stage.kind!r}, but stage {merged.stage.name} reads kind={kind} data "
             f"(one of {', '.join(KINDS)}; leave stage.kind unset)"
         )
     merged.stage.kind = kind
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ValueError(f"config key {missing[0]!r} must be set (e.g. {missing[0]}=<value> on the command line)")
+        raise ConfigError(f"config key {missing[0]!r} must be set (e.g. {missing[0]}=<value> on the command line)")
+    for key in POSITIVE:  # a 0 here was a ZeroDivisionError deep in the model or the loader
+        value = OmegaConf.select(merged, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key {key!r} is {value}; expected a positive integer")
+    if merged.trainer.max_steps < 0:
+        raise ConfigError(f"config key 'trainer.max_steps' is {merged.trainer.max_steps}; expected >= 0")
     m = merged.model
     if m.n_heads % m.n_kv_heads or (m.head_dim is None and m.dim % m.n_heads):
-        raise ValueError(
+        raise ConfigError(
             f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and divide dim ({m.dim}) "
             f"unless model.head_dim is set"
         )

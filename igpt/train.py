@@ -151,11 +151,23 @@ def final_val_loss(run_dir: str, metrics: dict[str, float]) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss (Hydra passes it to sweepers such as Optuna)."""
+    job = hydra_job(cfg)
+    # -- user errors and a prompt exit after preemption ---------------------------------------------------------------
+    from igpt.errors import IgptError
+
     try:
-        metrics = run(cfg, hydra_job(cfg))
-    except ValueError as e:  # configuration and data errors: one clear line, no traceback
+        metrics = run(cfg, job)
+    except (IgptError, ValueError) as e:  # igpt's typed user errors, config and data errors: one line, no traceback
         log.error("%s", e)
         raise SystemExit(2) from e
+    if "sweep_dir" not in job and os.path.exists(os.path.join(cfg.run_dir, "preempted")):
+        # stopped by SIGTERM/SIGUSR1/STOP: the checkpoint and `preempted` are on disk and the trainer is closed; skip
+        # the interpreter's teardown of the whole heap (it once took 42 s), which Slurm's kill timer would cut short
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    # ------------------------------------------------------------------------------------------------------------
     return final_val_loss(cfg.run_dir, metrics)
 
 

@@ -64,7 +64,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but CUDA is not available (use device=cpu or device=auto)")
+            from igpt.errors import ConfigError
+
+            raise ConfigError("device=cuda but CUDA is not available here (use device=cpu or device=auto)")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
 
@@ -98,9 +100,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.strategy = build_strategy(cfg.strategy, cfg.precision, self.device)
+        self.lock = None
         try:
             self._setup(cfg)
         except BaseException:
+            if self.lock is not None:
+                self.lock.release()
             # Do not leave the process group open; no barrier: the other ranks may be anywhere.
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
@@ -113,6 +118,7 @@ class Trainer:
         self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
+        self._take_lock()
         self.stage = build_stage(cfg)
         self.accum = self.stage.check_batch(self.world_size)
         # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one
@@ -126,6 +132,8 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         # fault injection for tests: rank 0's first micro-batch gets a NaN loss at these steps (comma list)
         self._fault_nan_steps = {int(s) for s in os.environ.get("IGPT_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+        # fault injection for tests: this process SIGKILLs itself right after this step (a node lost mid-run)
+        self._fault_kill_step = int(os.environ.get("IGPT_FAULT_KILL_STEP", "0") or 0)
         self.stage.prepare(self)
         self._build_models(resuming=resume_from is not None)
         self.stage.setup(self)
@@ -139,6 +147,23 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, cfg.logger.peak_flops)
         self.stop = _StopFlag()
 
+    def _take_lock(self) -> None:
+        """Rank 0 takes ``<run_dir>/run.lock`` (igpt/runlock.py); every rank fails at once if another run holds it."""
+        from igpt.errors import ConfigError
+        from igpt.runlock import RunLock
+
+        refused = None
+        if self.is_main:
+            lock = RunLock(self.run_dir)
+            try:
+                lock.acquire()
+                self.lock = lock
+            except ConfigError as e:
+                refused = str(e)
+        refused = self.strategy.broadcast_object(refused)
+        if refused is not None:
+            raise ConfigError(refused)
+
     def _resolve_model(self, resume_from: str | None) -> None:
         """Fix ``cfg.model``: the main model's source's architecture when it has one (``init_from``: an igpt
         checkpoint or a Hugging Face folder; on resume, the checkpoint's), else the config's; with room for every
@@ -148,13 +173,13 @@ class Trainer:
         cfg = self.cfg
         main = self.stage.models()[0]
         saved = checkpoint.read_meta(resume_from) if resume_from is not None and main.trainable else {}
+        if resume_from is not None:
+            self._check_resume(resume_from, checkpoint.read_meta(resume_from), main)
         if saved.get("model"):  # a resumed run needs nothing from its source: the checkpoint has it all
             model_cfg = ModelConfig(**saved["model"])
             self.hf_config = saved.get("hf_config")
         else:
-            model_cfg = self.model_config(main)
-            if main.init:
-                model_cfg = self._apply_overrides(main, model_cfg)
+            model_cfg = self._configured_model(main)
             #: the config.json of an imported main model (its original class, kept in every checkpoint for export)
             self.hf_config = self.weights_source(main).hf_config if main.init else None
         cfg.model = model_cfg
@@ -172,6 +197,63 @@ class Trainer:
                 f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab}, "
                 f"{self.tokenizer_path}); set model.vocab_size={vocab}"
             )
+
+    def _configured_model(self, main):
+        """The main model's architecture as this run's config gives it (its source's, with the ``model.*`` values)."""
+        model_cfg = self.model_config(main)
+        return self._apply_overrides(main, model_cfg) if main.init else model_cfg
+
+    def _check_resume(self, ckpt: str, saved: dict, main) -> None:
+        """Refuse to resume a checkpoint of another stage, tokenizer or model architecture than this run's config
+        gives (the old code continued the checkpoint's model whatever ``model=`` said); each error names both."""
+        from igpt.data.tokenizer import tokenizer_conflict
+        from igpt.errors import CheckpointError, MissingPathError
+
+        cfg = self.cfg
+        fix = (f"resume it with the config it was written with, start a new run_dir (init_from={ckpt} starts from "
+               f"its weights), or pass resume=never to ignore it")
+        if saved.get("stage") and saved["stage"] != cfg.stage.name:
+            raise CheckpointError(f"resume=auto: {ckpt} was written by stage={saved['stage']}, this run is "
+                                  f"stage={cfg.stage.name}; {fix}")
+        ckpt_tok = os.path.join(ckpt, saved.get("tokenizer") or "tokenizer.json")
+        if os.path.exists(ckpt_tok):
+            why = tokenizer_conflict(self.tokenizer_path, ckpt_tok)
+            if why:
+                raise CheckpointError(f"resume=auto: {ckpt} was trained with another tokenizer than data.dir="
+                                      f"{cfg.data.dir}'s: {why}; {fix}")
+        if not (saved.get("model") and main.trainable):
+            return
+        try:
+            fresh = asdict(self._configured_model(main))
+        except MissingPathError as e:  # the run's source is gone: nothing to compare with
+            log.warning("resume: cannot check the model against %s=%s (%s)", main.init_key, main.init, e)
+            return
+        diffs = [f"model.{k}={v!r} in the checkpoint, {fresh[k]!r} in this run's config"
+                 for k, v in saved["model"].items() if k in fresh and k not in ("name", "init_std") and fresh[k] != v]
+        if diffs:
+            raise CheckpointError(f"resume=auto: {ckpt} holds another model architecture: {'; '.join(diffs)}; {fix}")
+
+    def _check_init_tokenizer(self, spec, source) -> None:
+        """``spec``'s source must share the data's tokenizer (ids mean the same tokens) unless
+        ``tokenizer_mismatch=allow``."""
+        from igpt.data.tokenizer import tokenizer_conflict
+        from igpt.errors import CheckpointError
+
+        theirs = os.path.join(source.tokenizer_dir, source.meta.get("tokenizer") or "tokenizer.json")
+        if not os.path.exists(theirs):
+            return
+        why = tokenizer_conflict(self.tokenizer_path, theirs)
+        if why is None:
+            return
+        if self.cfg.tokenizer_mismatch == "allow":
+            log.warning("%s: another tokenizer than data.dir=%s's (%s); tokenizer_mismatch=allow", source.where,
+                        self.cfg.data.dir, why)
+            return
+        raise CheckpointError(
+            f"{source.where}: the model was trained with another tokenizer than the data in "
+            f"data.dir={self.cfg.data.dir} ({why}), so its token ids mean other tokens; prepare the data "
+            f"with the checkpoint's tokenizer.json, or pass tokenizer_mismatch=allow to train anyway"
+        )
 
     def _apply_overrides(self, spec, model_cfg):
         """The source's architecture wins over ``model=``; a ``model.*`` value set explicitly must agree with it, except
@@ -201,6 +283,7 @@ class Trainer:
         key = (spec.init, spec.init_key)
         if key not in self._sources:
             self._sources[key] = checkpoint.open_source(spec.init, spec.init_key)
+            self._check_init_tokenizer(spec, self._sources[key])
         return self._sources[key]
 
     def model_config(self, spec):
@@ -221,13 +304,23 @@ class Trainer:
         from igpt.data.tokenizer import token_bytes, vocab_size
 
         cfg = self.cfg
+        from igpt.errors import DataError, MissingPathError
+
         index_path = os.path.join(cfg.data.dir, "index.json")
+        if not os.path.isdir(cfg.data.dir):
+            raise MissingPathError(f"data.dir={cfg.data.dir}: no such directory (prepare the data with python -m "
+                                   f"igpt.data.prepare ... output_dir={cfg.data.dir})")
         if not os.path.exists(index_path):
-            raise FileNotFoundError(f"data.dir={cfg.data.dir}: no index.json (prepare it: python -m igpt.data.prepare)")
-        with open(index_path, encoding="utf-8") as f:
-            self.index = json.load(f)
+            raise MissingPathError(f"data.dir={cfg.data.dir}: no index.json (prepare it: python -m igpt.data.prepare)")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                self.index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{index_path}: not valid JSON ({e}); prepare the data again") from None
+        if not isinstance(self.index, dict) or "kind" not in self.index:
+            raise DataError(f"{index_path}: not an igpt index (no 'kind'); prepare the data again")
         if self.index["kind"] != self.stage.kind:
-            raise ValueError(
+            raise DataError(
                 f"stage {cfg.stage.name} reads kind={self.stage.kind} data, but {index_path} holds "
                 f"kind={self.index['kind']} (prepare it with python -m igpt.data.prepare kind={self.stage.kind})"
             )
@@ -257,6 +350,7 @@ class Trainer:
             rank=self.rank, world_size=self.world_size, num_workers=cfg.data.num_workers if loop else 0,
             num_partitions=self.num_partitions(data_dir), seed=tcfg.seed, shuffle=cfg.data.shuffle and loop,
             pack=cfg.stage.pack if pack is None else pack, loop=loop, skip_corrupt=cfg.data.skip_corrupt,
+            verify=cfg.data.verify,
         )
 
     def num_partitions(self, data_dir: str | None = None) -> int:
@@ -508,6 +602,7 @@ class Trainer:
         meta = {
             "stage": self.cfg.stage.name, "model": asdict(self.cfg.model), "strategy": self.cfg.strategy.name,
             "world_size": self.world_size, "tokenizer": "tokenizer.json", "precision": self.cfg.precision,
+            "tokenizer_fingerprint": self._tokenizer_fingerprint(),
             "config": self.config_dict, **self._hf_meta(), **self.stage.checkpoint_meta(), **(extra_meta or {}),
         }
         path = checkpoint.save(
@@ -516,6 +611,13 @@ class Trainer:
         )
         log.info("checkpoint %s", path)
         return path
+
+    def _tokenizer_fingerprint(self) -> str:
+        if not hasattr(self, "_tok_fp"):
+            from igpt.data.tokenizer import tokenizer_fingerprint
+
+            self._tok_fp = tokenizer_fingerprint(self.tokenizer_path)
+        return self._tok_fp
 
     def _hf_meta(self) -> dict[str, Any]:
         """The ``hf_config`` of an imported main model (its original architecture class, for igpt.export)."""
@@ -576,6 +678,9 @@ class Trainer:
                 if stop and self.step < tcfg.max_steps:
                     self._preempted(stop)
                     break
+                if self.step == self._fault_kill_step:
+                    log.warning("IGPT_FAULT_KILL_STEP: killing this process (SIGKILL) after step %d", self.step)
+                    os.kill(os.getpid(), signal.SIGKILL)
             if progress is not None:
                 progress.close()
             return last_eval
@@ -669,4 +774,8 @@ class Trainer:
         return tqdm(total=total, initial=self.step, desc=f"{self.cfg.stage.name}", unit="step", dynamic_ncols=True)
 
     def close(self) -> None:
-        self.strategy.teardown()
+        try:
+            self.strategy.teardown()
+        finally:
+            if self.lock is not None:
+                self.lock.release()

@@ -6,6 +6,7 @@ collected by pytest; run by hand:
 
     python tests/mutation_checks.py            # all (about 10 min on 2 cores)
     python tests/mutation_checks.py M1 M6      # some
+    python tests/mutation_checks.py M15a M15b  # P15's (safe loading, checksums, run lock, refusals, errors)
 
 The clone is of the committed HEAD, so commit first.
 """
@@ -82,6 +83,47 @@ MUTATIONS = [
     ("M13g the README check accepts any number",
      [("tests/demo_numbers.py", "        if got != said:", "        if False:")],
      ["tests/test_demo_numbers.py"]),
+]
+
+# ---- P15 (trust what you load and what you resume): one mutation per mechanism, each guarded by tests/test_trust.py
+T15 = "tests/test_trust.py::"
+MUTATIONS += [
+    ("M15a the DCP metadata unpickler admits any global (pickle.load as before)",
+     [("igpt/safe_load.py", "        if (module, name) in ALLOWED_GLOBALS:", "        if True:")],
+     [T15 + "test_malicious_dcp_metadata_is_refused_and_runs_nothing"]),
+    ("M15b checkpoint checksums recorded but never verified",
+     [("igpt/checkpoint.py", '    sums = meta.get("checksums") if verify else None', "    sums = None")],
+     [T15 + "test_checksum_mismatch_falls_back_to_the_newest_intact_checkpoint"]),
+    ("M15c shard checksums never verified",
+     [("igpt/data/partition.py", "        if info.checksum:\n", "        if False:\n")],
+     [T15 + "test_shard_checksum_is_verified_once"]),
+    ("M15d the run lock is not taken",
+     [("igpt/trainer.py", "                lock.acquire()\n", "                pass\n")],
+     [T15 + "test_second_run_on_a_run_dir_fails_at_once_naming_the_holder"]),
+    ("M15e a stale lock is never recognised (dead pid, Slurm requeue)",
+     [("igpt/runlock.py", "        me = self.me\n", "        return None\n        me = self.me\n")],
+     [T15 + "test_stale_locks_are_taken_over_and_released"]),
+    ("M15f resume ignores a changed model architecture",
+     [("igpt/trainer.py", "        if diffs:\n", "        if False:\n")],
+     [T15 + "test_resume_refuses_another_model_stage_or_tokenizer"]),
+    ("M15g init_from accepts data of another tokenizer",
+     [("igpt/trainer.py", "        why = tokenizer_conflict(self.tokenizer_path, theirs)\n        if why is None:",
+       "        why = tokenizer_conflict(self.tokenizer_path, theirs)\n        if True:")],
+     [T15 + "test_init_from_with_another_tokenizer_fails_unless_allowed"]),
+    ("M15h prepare keeps chosen == rejected pairs",
+     [("igpt/data/prepare.py", "_DROPPED_SAME if _same_responses(rec) else self._pref(rec)", "self._pref(rec)")],
+     [T15 + "test_prepare_drops_identical_pairs_and_empty_prompts"]),
+    ("M15i prepare overwrite=true replaces any folder",
+     [("igpt/data/prepare.py", "        _check_replaceable(output_dir, files)\n", "        pass\n")],
+     [T15 + "test_prepare_overwrite_replaces_only_a_prepared_dataset"]),
+    ("M15j a full disk during a checkpoint is not recognised (raw error, temp folder kept)",
+     [("igpt/checkpoint.py", "        shutil.rmtree(tmp, ignore_errors=True)  # the previous",
+       "        pass  # the previous"),
+      ("igpt/checkpoint.py", "        if _no_space(e, root):", "        if False:")],
+     [T15 + "test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temp_files"]),
+    ("M15k zero sizes pass validation",
+     [("igpt/config.py", "        if value is not None and value < 1:", "        if False:")],
+     [T15 + "test_zero_sizes_are_config_errors"]),
 ]
 
 

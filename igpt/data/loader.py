@@ -39,6 +39,7 @@ raw ``webdataset.WebDataset`` reads of the same shards.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator
@@ -249,6 +250,7 @@ class ShardLoader:
         pack: pack documents/conversations into rows (kind=text, sft); kind=pref always has one pair per row.
         loop: cycle epochs forever (training) or read the split once (evaluation).
         skip_corrupt: skip truncated/corrupt shards with a warning instead of failing.
+        verify: check each shard's checksum (index.json's ``xxh3_64``) the first time this process opens it.
     """
 
     def __init__(
@@ -267,6 +269,7 @@ class ShardLoader:
         pack: bool = True,
         loop: bool = True,
         skip_corrupt: bool = False,
+        verify: bool = True,
     ) -> None:
         P, W, K = num_partitions, world_size, max(num_workers, 1)
         if seq_len < 1 or P < 1 or W < 1 or global_batch_size < 1 or num_workers < 0 or seed < 0:
@@ -292,6 +295,8 @@ class ShardLoader:
                 f"num_workers in {_divisors(global_batch_size)}"
             )
         self.index = read_index(data_dir, split)
+        if not verify:  # data.verify=false: no checksum reads (each process otherwise checks a shard once)
+            self.index.shards = [dataclasses.replace(s, checksum=None) for s in self.index.shards]
         if self.index.vocab_size and self.index.vocab_size > 2**31:
             raise ValueError(f"vocab_size={self.index.vocab_size} in {data_dir}/index.json: at most 2**31 is supported")
         self.layout = Layout(self.index, P, seed, shuffle)
@@ -344,6 +349,13 @@ class ShardLoader:
     def _assemble(self, items: Iterator[dict], dataset: _WorkerDataset, K: int) -> Iterator[dict[str, torch.Tensor]]:
         try:
             yield from self._assemble_batches(items, dataset, K)
+        except CorruptShardError as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            if first.startswith("Caught CorruptShardError"):  # a worker's, re-raised by torch with its traceback text
+                lines = [ln for ln in str(e).splitlines() if "CorruptShardError:" in ln]
+                message = lines[-1].split("CorruptShardError:", 1)[1].strip() if lines else str(e)
+                raise CorruptShardError(f"{message} (in a DataLoader worker)", e.shard) from None
+            raise
         finally:
             # Stop the workers now (on break, exhaustion or a worker's error) rather than when the garbage collector
             # reaches the iterator: collected inside a reference cycle (an exception's traceback) its shutdown waits

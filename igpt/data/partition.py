@@ -32,13 +32,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from igpt.checksum import buffer_checksum
 from igpt.data.kinds import KIND_FIELDS, OTHER_FIELDS
+from igpt.errors import DataError, MissingPathError
 
 INDEX_VERSION = 1
 
 
-class CorruptShardError(RuntimeError):
-    """A shard that cannot be read (truncated, bad tar header, missing or malformed sample field)."""
+SHARD_CHECKSUM = "xxh3_64"  # index.json: each shard's checksum (igpt.checksum), verified once per process
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, checksum) of the shards this process has verified
+
+
+class CorruptShardError(DataError, RuntimeError):
+    """A shard that cannot be read (truncated, bad tar header, missing or malformed sample field, wrong checksum)."""
 
     def __init__(self, message: str, shard: str | None = None) -> None:
         super().__init__(message)
@@ -51,6 +57,7 @@ class ShardInfo:
     path: str
     samples: int
     tokens: int
+    checksum: str | None = None  # index.json's xxh3_64 (None: data prepared before checksums, or data.verify=false)
 
 
 @dataclass
@@ -93,31 +100,37 @@ def read_index(data_dir: str, split: str) -> SplitIndex:
     """Read ``<data_dir>/index.json`` (schema in docs/internals.md) and return the given split."""
     path = os.path.join(data_dir, "index.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: prepare the data first (python -m igpt.data.prepare ...)")
-    with open(path, encoding="utf-8") as f:
-        index = json.load(f)
+        raise MissingPathError(f"{path} does not exist: prepare the data first (python -m igpt.data.prepare ...)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); prepare the data again (python -m igpt.data.prepare)") from None
+    if not isinstance(index, dict):
+        raise DataError(f"{path}: expected a JSON object (igpt's index), found {type(index).__name__}")
     if index.get("version") != INDEX_VERSION:
-        raise ValueError(f"{path}: version {index.get('version')!r}, this loader reads version {INDEX_VERSION}")
+        raise DataError(f"{path}: version {index.get('version')!r}, this loader reads version {INDEX_VERSION}")
     kind = index.get("kind")
     if kind not in KIND_FIELDS:
-        raise ValueError(f"{path}: kind {kind!r}; expected one of {', '.join(KIND_FIELDS)}")
+        raise DataError(f"{path}: kind {kind!r}; expected one of {', '.join(KIND_FIELDS)}")
     if index.get("dtype") not in ("uint16", "uint32"):
-        raise ValueError(f"{path}: dtype {index.get('dtype')!r}; expected uint16 or uint32")
+        raise DataError(f"{path}: dtype {index.get('dtype')!r}; expected uint16 or uint32")
     splits = index.get("splits", {})
     if split not in splits:
-        raise ValueError(f"{path}: no split {split!r}; the splits are {sorted(splits)}")
+        raise DataError(f"{path}: no split {split!r}; the splits are {sorted(splits)}")
     tokenizer = index.get("tokenizer") or {}
     tok_path = os.path.join(data_dir, tokenizer.get("path") or "tokenizer.json")
     shards = []
     for i, s in enumerate(splits[split].get("shards", [])):
         try:
-            shards.append(ShardInfo(s["name"], os.path.join(data_dir, s["name"]), int(s["samples"]), int(s["tokens"])))
+            shards.append(ShardInfo(s["name"], os.path.join(data_dir, s["name"]), int(s["samples"]), int(s["tokens"]),
+                                    s.get(SHARD_CHECKSUM)))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
+            raise DataError(
                 f"{path}: splits.{split}.shards[{i}] is malformed ({e!r}); expected name/samples/tokens"
             ) from None
     if not shards:
-        raise ValueError(f"{path}: split {split!r} has no shards")
+        raise DataError(f"{path}: split {split!r} has no shards")
     vocab = tokenizer.get("vocab_size")
     return SplitIndex(
         data_dir=data_dir,
@@ -205,11 +218,21 @@ class Shard:
         self.vocab_size = vocab_size if vocab_size else (2**31 if dtype.itemsize > 2 else None)
         name = info.name
         if not os.path.exists(info.path):
-            raise FileNotFoundError(f"shard {name} listed in index.json is missing: {info.path}")
+            raise MissingPathError(f"shard {name} listed in index.json is missing: {info.path}")
         with open(info.path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise CorruptShardError(f"shard {name} is empty (0 bytes)", name)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            st = os.fstat(f.fileno())
+        if info.checksum:
+            key = (info.path, st.st_size, st.st_mtime_ns, info.checksum)
+            if key not in _VERIFIED:
+                got = buffer_checksum(self._mm)
+                if got != info.checksum:
+                    raise CorruptShardError(
+                        f"shard {name} is corrupt: its {SHARD_CHECKSUM} checksum is {got}, index.json recorded "
+                        f"{info.checksum} ({info.path}; prepare or copy it again, or data.skip_corrupt=true)", name)
+                _VERIFIED.add(key)
         fields = KIND_FIELDS[kind]
         self._dtypes = [np.dtype(OTHER_FIELDS[f]) if f in OTHER_FIELDS else dtype for f in fields]
         self._token = [f not in OTHER_FIELDS for f in fields]

@@ -67,6 +67,7 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from igpt.checksum import file_checksum
 from igpt.data.chat import ChatFormat
 from igpt.data.formats import (
     chunk_text,
@@ -86,8 +87,9 @@ from igpt.data.formats import (
     unescape,
 )
 from igpt.data.kinds import KIND_FIELDS, KINDS
-from igpt.data.tokenizer import vocab_size
-from igpt.errors import IgptError
+from igpt.data.partition import SHARD_CHECKSUM
+from igpt.data.tokenizer import tokenizer_fingerprint, vocab_size
+from igpt.errors import ConfigError, DataError, IgptError
 
 TASK_CHARS = 1 << 20  # text per worker task
 TASK_RECORDS = 256  # records per worker task
@@ -158,9 +160,12 @@ class _Encoder:
                 out.append((arrays, len(ids), nbytes, status))
                 continue
             if kind == "prompt":
-                out.append(self._prompt(obj, where))
+                messages = parse_prompt_record(obj, where, self.messages_field)
+                out.append(_DROPPED_EMPTY if _empty_prompt(messages) else self._prompt(obj, where))
             else:
-                out.append(self._pref(parse_pref_record(obj, where, self.messages_field)))
+                rec = parse_pref_record(obj, where, self.messages_field)
+                out.append(_DROPPED_EMPTY if _empty_prompt(rec.prompt) else
+                           _DROPPED_SAME if _same_responses(rec) else self._pref(rec))
         return out
 
     def _prompt(self, obj: dict[str, Any], where: str) -> Sample:
@@ -204,6 +209,26 @@ class _Encoder:
             "margin.bin": np.asarray([rec.margin], dtype="<f4").tobytes(),
         }
         return arrays, len(all_ids), nbytes, status
+
+
+# Records that cannot teach anything, dropped and counted in prepare's summary (index.json "filtered")
+_DROPPED_EMPTY: Sample = ({}, 0, 0, "empty_prompt")  # a prompt with no text: nothing to condition on
+_DROPPED_SAME: Sample = ({}, 0, 0, "identical_responses")  # chosen == rejected: loss ln 2, accuracy 0, always
+
+
+def _empty_prompt(messages: list[dict[str, str]]) -> bool:
+    return not any(str(m.get("content", "")).strip() for m in messages if m.get("role") != "system")
+
+
+def _same_responses(rec) -> bool:
+    """Two responses ranked differently but equal (chosen == rejected)."""
+    seen: dict[str, int] = {}
+    for response, rank in zip(rec.responses, rec.ranking):
+        key = json.dumps(response, sort_keys=True)
+        if key in seen and seen[key] != rank:
+            return True
+        seen[key] = rank
+    return False
 
 
 _WORKER: _Encoder | None = None
@@ -378,6 +403,8 @@ def _write_split(
         shard["bytes"] += nbytes
     if writer is not None:
         writer.close()
+    for shard in shards:  # the loader verifies each shard against it (igpt.data.partition.Shard)
+        shard[SHARD_CHECKSUM] = file_checksum(os.path.join(root, shard["name"]))
     totals = {k: sum(s[k] for s in shards) for k in ("samples", "tokens", "bytes")}
     return {**totals, "shards": shards}
 
@@ -388,6 +415,22 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _check_replaceable(output_dir: str, inputs: Sequence[str]) -> None:
+    """overwrite=true replaces only a prepared dataset (a folder with index.json) or an empty folder, and never a
+    folder that holds one of the inputs."""
+    if not os.path.isdir(output_dir):
+        raise ConfigError(f"output_dir={output_dir} is a file, not a prepared dataset; overwrite=true replaces only "
+                          f"a folder written by igpt.data.prepare (with index.json) or an empty folder")
+    for f in inputs:
+        if os.path.commonpath([os.path.abspath(f), output_dir]) == output_dir:
+            raise ConfigError(f"output_dir={output_dir} holds the input {f}: overwrite=true would delete it")
+    if os.listdir(output_dir) and not os.path.isfile(os.path.join(output_dir, "index.json")):
+        raise ConfigError(
+            f"output_dir={output_dir} is not a prepared dataset (no index.json) and not empty; overwrite=true "
+            f"replaces only a folder written by igpt.data.prepare or an empty one, so nothing was deleted"
+        )
 
 
 def _input_size(path: str) -> int:
@@ -428,6 +471,8 @@ def prepare(
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"output_dir {output_dir} exists; pass overwrite=true to replace it")
     files = expand_inputs(input)
+    if os.path.exists(output_dir):
+        _check_replaceable(output_dir, files)
     fmt = ChatFormat.load(tokenizer)
     if kind != "text":
         fmt = fmt.with_chat_tokens()  # igpt's template tokens, for a tokenizer without a template that lacks them
@@ -447,13 +492,16 @@ def prepare(
         total = sum(_input_size(f) for f in files)
         results = _map_ordered(tasks, workers, init_args)
         truncated = dropped = 0
+        filtered = {_DROPPED_EMPTY[3]: 0, _DROPPED_SAME[3]: 0}
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=not progress)
         with bar, closing(results):  # closing: an interrupt here still shuts the worker pool down
             for result, size in results:
                 for arrays, tokens, nbytes, status in result:
                     truncated += status == "truncated"
                     dropped += status == "dropped"
-                    if status != "dropped":
+                    if status in filtered:
+                        filtered[status] += 1
+                    elif status != "dropped":
                         spool.add(arrays, tokens, nbytes)
                 bar.update(min(size, total - bar.n))
             bar.update(total - bar.n)
@@ -464,8 +512,14 @@ def prepare(
                 f"{truncated} truncated (start kept), {dropped} dropped because no response token was left to learn",
                 stacklevel=2,
             )
+        if any(filtered.values()):
+            warnings.warn(
+                f"dropped {filtered['empty_prompt']} record(s) with an empty prompt and "
+                f"{filtered['identical_responses']} preference record(s) whose chosen and rejected responses are "
+                f"identical (nothing to learn from them)", stacklevel=2,
+            )
         if not len(spool):
-            raise ValueError(
+            raise DataError(
                 f"input {input!r}: no {'text' if kind == 'text' else 'records'} found in {len(files)} file(s)"
             )
 
@@ -487,7 +541,9 @@ def prepare(
             "version": INDEX_VERSION,
             "kind": kind,
             "dtype": dtype,
-            "tokenizer": {"path": "tokenizer.json", "sha256": _sha256(tok_file), "vocab_size": vocab},
+            "tokenizer": {"path": "tokenizer.json", "sha256": _sha256(tok_file), "vocab_size": vocab,
+                          "fingerprint": tokenizer_fingerprint(tok_file)},
+            "filtered": filtered,
             "pad_id": fmt.pad_id,
             "seq_len": seq_len,
             "splits": splits,
@@ -525,6 +581,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     total_bytes = sum(s["bytes"] for s in index["splits"].values())
     for name, s in index["splits"].items():
         print(f"{name}: {s['samples']} samples, {s['tokens']} tokens, {s['bytes']} bytes, {len(s['shards'])} shard(s)")
+    filtered = index.get("filtered") or {}
+    if any(filtered.values()):
+        print(f"dropped: {filtered.get('empty_prompt', 0)} empty prompt(s), {filtered.get('identical_responses', 0)} "
+              f"pair(s) with chosen == rejected")
     print(f"wrote {args['output_dir']} in {elapsed:.1f}s ({total_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s)")
 
 

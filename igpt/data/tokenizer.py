@@ -157,6 +157,49 @@ def token_bytes(tokenizer: Tokenizer) -> torch.Tensor:
     return out
 
 
+def _normalized_json(path: str) -> dict:
+    """A tokenizer.json as this ``tokenizers`` version writes it (older files spell merges and defaults otherwise)."""
+    path = resolve_tokenizer_path(path)
+    key = (path, os.path.getmtime(path))
+    if key not in _NORMALIZED:
+        if len(_NORMALIZED) >= 4:
+            _NORMALIZED.clear()
+        _NORMALIZED[key] = json.loads(Tokenizer.from_file(path).to_str())
+    return _NORMALIZED[key]
+
+
+_NORMALIZED: dict[tuple, dict] = {}
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """What maps text to ids in a ``tokenizer.json``: a sha256 (16 hex digits) of its normalizer, pre-tokenizer and
+    model (vocabulary and merges), not of its added tokens, which igpt's chat format appends (a pretraining tokenizer
+    and the SFT data prepared from it share a fingerprint). Stored in index.json and in every checkpoint's meta.json;
+    :func:`tokenizer_conflict` also compares the added tokens' ids."""
+    import hashlib
+
+    tok = _normalized_json(path)
+    core = {k: tok.get(k) for k in ("normalizer", "pre_tokenizer", "model")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenizer_conflict(ours: str, theirs: str) -> str | None:
+    """Why the tokenizer files ``ours`` and ``theirs`` give different ids to the same text, or None when they agree:
+    equal fingerprints and no id that names a different added token in each (either may add tokens)."""
+    a, b = tokenizer_fingerprint(ours), tokenizer_fingerprint(theirs)
+    if a != b:
+        return f"tokenizer fingerprint {a} ({ours}) vs {b} ({theirs})"
+
+    def added(path: str) -> dict[int, str]:
+        return {int(t["id"]): t["content"] for t in _normalized_json(path).get("added_tokens", [])}
+
+    x, y = added(ours), added(theirs)
+    for i in sorted(set(x) & set(y)):
+        if x[i] != y[i]:
+            return f"id {i} is the added token {x[i]!r} in {ours} but {y[i]!r} in {theirs}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     prog = "igpt.data.tokenizer"
     args = parse_args(

@@ -142,11 +142,13 @@ class FSDPWrapped(Wrapped):
                 f"torch.distributed.checkpoint); this one was written by strategy={meta.get('strategy')}. Resume under "
                 f"that strategy, or start a new run from its weights with init_from={ckpt_dir}"
             )
+        from igpt.safe_load import dcp_load  # no code from the checkpoint's pickles runs
+
         msd = get_model_state_dict(self.model)
-        dcp.load(msd, checkpoint_id=model_dir)
+        dcp_load(msd, model_dir)
         set_model_state_dict(self.model, msd)
         osd = {"optim": get_optimizer_state_dict(self.model, self.optimizer)}
-        dcp.load(osd, checkpoint_id=optim_dir)
+        dcp_load(osd, optim_dir)
         set_optimizer_state_dict(self.model, self.optimizer, osd["optim"])
 
 

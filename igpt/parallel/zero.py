@@ -27,8 +27,8 @@ Checkpoints are independent of the stage and the world size: ``model.safetensors
 the step in its metadata. Both are written one parameter at a time (``deepspeed.utils.safe_get_full_fp32_param`` /
 ``safe_get_full_optimizer_state`` gather it, rank 0 streams it to disk) and read back the same way with
 ``safe_set_full_*``, each rank keeping its partition, so a ZeRO-1/2/3 run resumes exactly on any number of ranks, as
-DeepSpeed's universal checkpoints do. Older checkpoints with DeepSpeed's own per-rank ``deepspeed/`` folder resume at
-their own stage and world size.
+DeepSpeed's universal checkpoints do. Older checkpoints with only DeepSpeed's own per-rank ``deepspeed/`` folder are not
+resumed (DeepSpeed unpickles them with ``weights_only=False``, which can run code); their weights start a new run.
 
 Meta-device initialisation: a model built on the meta device is filled whole under ZeRO-1/2 (they keep full
 parameters); under ZeRO-3 its parameters are partitioned first (``deepspeed.zero.Init(module=...)`` on uninitialised
@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from igpt.config import OptimConfig, StrategyConfig
+from igpt.errors import CheckpointError, MissingPathError
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
 from igpt.parallel.fsdp import init_single_process_group
 from igpt.parallel.init import ModelInit, Shard, on_meta, plain_name, to_empty
@@ -261,8 +262,8 @@ class ZeroWrapped(Wrapped):
         """Resume from a ZeRO checkpoint written at any world size and stage: every parameter's fp32 master weights
         and AdamW state are read whole, one parameter at a time, and each rank keeps its partition
         (``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``); the compute weights follow the master
-        weights. Older checkpoints with only DeepSpeed's own per-rank files (``deepspeed/``) resume at their world
-        size."""
+        weights. Older checkpoints with only DeepSpeed's own per-rank files (``deepspeed/``) are refused: DeepSpeed
+        unpickles them without ``weights_only``."""
         strategy = self.strategy
         assert self.engine is not None, f"model {self.name!r} is frozen: nothing to resume"
         zero = str(meta.get("strategy") or "").startswith("zero")
@@ -270,25 +271,18 @@ class ZeroWrapped(Wrapped):
             self._load_universal(ckpt_dir)
             return
         ds_dir = os.path.join(ckpt_dir, DS_DIR)
-        if not zero or not os.path.isdir(ds_dir):
-            raise FileNotFoundError(
-                f"{ckpt_dir}: written by strategy={meta.get('strategy')}, so it has no ZeRO optimizer state "
-                f"({OPTIM_FILE}) to resume strategy={strategy.name} from. Resume under "
-                f"strategy={meta.get('strategy')}, or start a new run from its weights with init_from={ckpt_dir}"
+        if zero and os.path.isdir(ds_dir):
+            # DeepSpeed reads its per-rank files with torch.load(weights_only=False): a crafted file runs code
+            raise CheckpointError(
+                f"{ckpt_dir}: an older ZeRO checkpoint with only DeepSpeed's own per-rank files ({ds_dir}), which "
+                f"DeepSpeed unpickles with torch.load(weights_only=False) (a crafted file can run code), so igpt no "
+                f"longer resumes from it; start a new run from its weights with init_from={ckpt_dir}"
             )
-        if meta.get("strategy") != strategy.name or meta.get("world_size") != strategy.world_size:
-            raise ValueError(
-                f"{ckpt_dir}: an older ZeRO checkpoint (DeepSpeed's per-rank files in {ds_dir} only) written by "
-                f"strategy={meta.get('strategy')} on {meta.get('world_size')} ranks, resumed by "
-                f"strategy={strategy.name} on {strategy.world_size}; its optimizer partitions are per rank, so it "
-                f"resumes only with the same stage and world size (checkpoints written now resume anywhere), or start "
-                f"a new run with init_from={ckpt_dir}"
-            )
-        path, _ = self.engine.load_checkpoint(
-            ds_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        raise MissingPathError(
+            f"{ckpt_dir}: written by strategy={meta.get('strategy')}, so it has no ZeRO optimizer state "
+            f"({OPTIM_FILE}) to resume strategy={strategy.name} from. Resume under "
+            f"strategy={meta.get('strategy')}, or start a new run from its weights with init_from={ckpt_dir}"
         )
-        if path is None:
-            raise FileNotFoundError(f"{ds_dir}: DeepSpeed found no checkpoint with tag {DS_TAG!r}")
 
     @torch.no_grad()
     def _load_universal(self, ckpt_dir: str) -> None:

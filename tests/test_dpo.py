@@ -64,7 +64,8 @@ class FixedLogProbs:
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
 def test_stage_loss_on_fixed_logprobs_with_kwise_records(prepared_pref_dir, loss):
-    """Through the stage: sums over each response, IPO per token, the NLL term, every record the mean of its pairs."""
+    """Through the stage: sums over each response, IPO per token, every record the mean of its pairs, and the NLL
+    term (dpo.nll_weight) once per record on its best-ranked response only."""
     batch = pref_batch(prepared_pref_dir, n=16, seq_len=128)
     torch.manual_seed(4)
     pi, ref = -torch.rand(batch["input_ids"].shape) * 3, -torch.rand(batch["input_ids"].shape) * 3
@@ -94,8 +95,11 @@ def test_stage_loss_on_fixed_logprobs_with_kwise_records(prepared_pref_dir, loss
             h = rw - rl
             per = {"sigmoid": -math.log(1 / (1 + math.exp(-beta * h))), "ipo": (h - 1 / (2 * beta)) ** 2,
                    "hinge": max(0.0, 1 - beta * h)}[loss]
-            total += per + nll * (-w[1] / w[3])
-        expected += total / len(pairs)
+            total += per
+        # the NLL term once per record, on its best response (K = 3 records: not on the 2nd-ranked one too)
+        top = min(sg[0] for sg in segs)
+        best = [sg for sg in segs if sg[0] == top]
+        expected += total / len(pairs) + nll * sum(-sg[1] / sg[3] for sg in best) / len(best)
     assert kwise > 0
     assert out.loss_sum.item() == pytest.approx(expected, rel=1e-5)
 

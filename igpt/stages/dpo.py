@@ -2,9 +2,9 @@
 ORPO, and KTO on unpaired examples.
 
 The policy (``init_from``, the SFT model) learns from the same comparisons as a reward model (``igpt.stages.pref``:
-pairs, or the untied pairs of a K-wise ranking, each weighing 1 / (its record's untied pairs)) against a frozen reference
-(``reference_from``, default ``init_from``). With ``pi`` and ``ref`` the summed log-probabilities of a response's
-tokens (``<|im_end|>`` included) and ``w`` / ``l`` the preferred and the other response,
+pairs, or the untied pairs of a K-wise ranking, each weighing 1 / (its record's untied pairs)) against a frozen
+reference (``reference_from``, default ``init_from``). With ``pi`` and ``ref`` the summed log-probabilities of a
+response's tokens (``<|im_end|>`` included) and ``w`` / ``l`` the preferred and the other response,
 
     h = (log pi(w) - log ref(w)) - (log pi(l) - log ref(l))
 

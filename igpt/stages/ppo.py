@@ -316,7 +316,7 @@ class PPOStage(Stage):
         from igpt.sampling import positions_from_mask, row_seeds, sample_rollout
 
         trainer, cfg = self.trainer, self.cfg
-        rcfg, pcfg = cfg.rollout, cfg.ppo
+        rcfg = cfg.rollout
         models, device, n = trainer.models, trainer.device, rcfg.n
         actor = models["policy"]
 

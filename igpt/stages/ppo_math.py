@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 K3_CLAMP = 10.0  # k3's log-ratio is clamped to [-K3_CLAMP, K3_CLAMP] (OpenRLHF's compute_approx_kl)
 
 

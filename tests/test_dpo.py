@@ -275,7 +275,8 @@ def test_reference_free_losses_build_no_reference(prepared_pref_dir, tmp_path):
     for loss in ("simpo", "orpo"):
         assert [s.role for s in dpo_stage(loss=loss).models()] == ["policy"]
     assert [s.role for s in dpo_stage(loss="kto").models()] == ["policy", "reference"]
-    trainer = make_trainer(dpo_overrides(prepared_pref_dir, str(tmp_path / "r"), "dpo.loss=simpo", "trainer.max_steps=1"))
+    trainer = make_trainer(dpo_overrides(prepared_pref_dir, str(tmp_path / "r"), "dpo.loss=simpo",
+                                         "trainer.max_steps=1"))
     try:
         assert set(trainer.models) == {"policy"}
         out = trainer.train_step(next(iter(trainer.train_loader)))

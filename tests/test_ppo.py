@@ -547,7 +547,8 @@ def test_reward_model_score_on_the_ppo_path_is_normalised_and_read_at_the_last_t
     from tests.test_rm import rm_overrides
 
     rm = str(tmp_path / "rm")
-    train(rm_overrides(prepared_pref_dir, rm, "trainer.max_steps=3", "rm.norm_batches=1"))
+    train(rm_overrides(prepared_pref_dir, rm, "trainer.max_steps=1", "trainer.global_batch_size=8",
+                       "rm.norm_batches=1"))
     raw, _, meta = load_model(rm)
     mean = meta["reward_norm"]["mean"]
     raw.value_offset = 0.0

@@ -4,9 +4,9 @@ mechanism in a scratch clone of this repository, runs the tests that guard it an
 should FAIL under its mutation (M3b is the exception: it shows why the bf16 test asserts the compute dtype) and pass
 without it. Not collected by pytest (and not part of ``make test``); run by hand:
 
-    python tests/mutation_checks.py            # all (M1-M6 about 10 min on 2 cores; M7-M25 see below)
+    python tests/mutation_checks.py            # all (M1-M6 about 10 min on 2 cores, M7-M25 about 5 min)
     python tests/mutation_checks.py M1 M6      # some
-    python tests/mutation_checks.py M7-M25     # a range (M12b, M13b, ... included)
+    python tests/mutation_checks.py M7-M25     # a range (M12b, M13b, ... included): 270 s on 2 shared cores
 
 The clone is of the committed HEAD, so commit first.
 """

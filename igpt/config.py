@@ -75,9 +75,13 @@ class DPOConfig:
     """Direct preference optimisation (``+stage=dpo``)."""
 
     beta: float = 0.1
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (SLiC)
-    label_smoothing: float = 0.0  # conservative DPO: the share of labels assumed flipped (sigmoid loss)
-    nll_weight: float = 0.0  # weight of an SFT term (mean token NLL of the chosen response)
+    # sigmoid (DPO) | ipo | hinge (SLiC) | simpo | orpo (both reference-free) | kto (unpaired kind=kto data)
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO: the share of labels assumed flipped (sigmoid and simpo losses)
+    nll_weight: float = 0.0  # weight of an SFT term (mean token NLL of each record's best response)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma (TRL's simpo_gamma)
+    kto_desirable_weight: float = 1.0  # KTO's lambda_D
+    kto_undesirable_weight: float = 1.0  # KTO's lambda_U
     precompute_reference: bool = False  # reference log-probs in one pass before training; no reference in memory
 
 
@@ -121,7 +125,10 @@ class PPOConfig:
     vf_coef: float = 0.5  # weight of the critic's loss (it has its own optimizer; this scales its gradients)
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True  # normalise advantages over the global batch
+    # normalise advantages over the global batch. None (default): on for gae (over response tokens), off for grpo and
+    # rloo (their group baseline already centres them; GRPO's group std scales them). true with grpo / rloo whitens
+    # the sequence advantages over the batch's sequences, each counted once whatever its length.
+    whiten_advantages: bool | None = None
     critic_lr: float | None = None  # the critic's learning rate (default: optim.lr)
 
 
@@ -266,7 +273,7 @@ CHOICES = {
     "precision": ("fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "stage.name": tuple(STAGES),
-    "dpo.loss": ("sigmoid", "ipo", "hinge"),
+    "dpo.loss": ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"),
     "kl.estimator": ("k1", "k2", "k3"),
     "ppo.advantage": ("gae", "grpo", "rloo"),
     "strategy.name": ("single", "ddp", "fsdp", "zero1", "zero2", "zero3"),
@@ -351,6 +358,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         if value not in allowed:
             raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
     kind = STAGES[merged.stage.name].kind
+    if merged.stage.name == "dpo" and merged.dpo.loss == "kto":
+        kind = "kto"  # KTO learns from unpaired examples
     if merged.stage.kind not in (None, kind):
         raise ConfigError(
             f"config key 'stage.kind' is {merged.stage.kind!r}, but stage {merged.stage.name} reads kind={kind} data "

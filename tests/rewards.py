@@ -14,3 +14,8 @@ def raises(prompts, completions, **fields):
 
 def not_a_number(prompts, completions, **fields):
     return ["high" for _ in completions]
+
+
+def constant(prompts, completions, **fields):
+    """The same reward for every completion: GRPO's advantages are all 0."""
+    return [1.0 for _ in completions]

@@ -7,15 +7,26 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from igpt.config import ModelConfig
+from igpt.config import Config, ModelConfig, PPOConfig, RolloutConfig, StageConfig
 from igpt.model import Transformer
-from igpt.model.outputs import TokenLogProbs
+from igpt.model.outputs import Hidden, Logits, TokenLogProbs, TokenStats
 from igpt.sampling import positions_from_mask, row_seeds, sample_rollout
-from igpt.stages.ppo_math import clipped_policy_loss, gae, group_advantages, kl_estimate, token_rewards
+from igpt.stages import build_stage
+from igpt.stages.ppo_math import (
+    KLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    kl_estimate,
+    masked_whiten,
+    token_rewards,
+)
 from tests.conftest import TINY, run_module
 from tests.trainutil import make_trainer, read_metrics, train, train_and_stop, train_steps
 
@@ -102,6 +113,151 @@ def test_clipped_policy_loss_dual_clip_and_clip_high():
     assert clipped_policy_loss(logp, old, adv, 0.2, dual_clip=2.0).loss[3].item() == pytest.approx(2.0)
 
 
+def ppo_stage(n: int = 4, **ppo):
+    """A PPO stage on its own, with a one-process trainer stand-in (global sums are local sums)."""
+    stage = build_stage(Config(stage=StageConfig(name="ppo"), ppo=PPOConfig(**ppo), rollout=RolloutConfig(n=n)))
+    stage.trainer = SimpleNamespace(global_sum=lambda xs: [float(x) for x in xs])
+    return stage
+
+
+def test_critic_free_advantages_are_not_whitened_by_token_count():
+    """The issue's example: group scores [1, 0.6, 0, 0], lengths [50, 2, 2, 2]. GRPO's advantages reach every token
+    unchanged by default (token-count whitening made the 0.6 response's negative); RLOO's too; with
+    ppo.whiten_advantages=true they are whitened over sequences, each counted once (signs kept: the group
+    advantages of a batch already average 0)."""
+    lengths = [50, 2, 2, 2]
+    mask = torch.arange(50)[None, :] < torch.tensor(lengths)[:, None]
+    scores, kl = torch.tensor([1.0, 0.6, 0.0, 0.0]), torch.zeros(4, 50)
+    for kind in ("grpo", "rloo"):
+        want = group_advantages(scores, 4, kind)
+        adv, values, returns = ppo_stage(advantage=kind).advantages(scores, kl, mask, None, coef=0.0)
+        assert values is None and returns is None
+        assert torch.equal(adv, want[:, None].expand(4, 50) * mask)
+        assert (adv[1, :2] > 0).all() and (adv[0] > 0).sum() == 50  # the better-than-average responses stay up
+        adv_w, _, _ = ppo_stage(advantage=kind, whiten_advantages=True).advantages(scores, kl, mask, None, coef=0.0)
+        w = (want - want.mean()) / want.var(unbiased=False).sqrt()
+        assert torch.allclose(adv_w, w[:, None].expand(4, 50) * mask, atol=1e-6)
+        assert torch.equal(adv_w[:, 0] > 0, want > 0)
+    grpo = group_advantages(scores, 4, "grpo")
+    assert grpo.tolist() == pytest.approx([1.2247, 0.4082, -0.8165, -0.8165], abs=1e-4)  # the issue's numbers
+
+
+def test_gae_advantages_are_whitened_over_response_tokens_only():
+    """Whitening a masked batch: (x - mean) / std with mean and variance over the mask alone (whatever padding
+    holds), 0 on padding; and it is on by default for gae."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, generator=g) * 2 + 3  # a mean far from 0: dropping the subtraction shows
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    x_pad = torch.where(mask, x, torch.full_like(x, 50.0))  # garbage on the padding
+    stage = ppo_stage()
+    mean, var = stage._global_mean_var(x_pad, mask)
+    real = x[mask].double()
+    assert mean == pytest.approx(float(real.mean()), rel=1e-9)
+    assert var == pytest.approx(float(real.var(unbiased=False)), rel=1e-9)
+    w = masked_whiten(x_pad, mask, mean, var)
+    want = (x.double() - real.mean()) / real.std(unbiased=False)
+    assert torch.allclose(w[mask].double(), want[mask], atol=1e-5)
+    assert (w[~mask] == 0).all()
+    assert abs(float(w[mask].mean())) < 1e-6 and float(w[mask].std(unbiased=False)) == pytest.approx(1.0, abs=1e-5)
+    # through the stage with a critic: GAE, then that whitening
+    scores, values = torch.tensor([1.0, -0.5, 2.0]), torch.randn(3, 6, generator=g)
+    kl = torch.rand(3, 6, generator=g) * mask
+    adv, _, returns = stage.advantages(scores, kl, mask, values, coef=0.1)
+    raw, _ = gae(token_rewards(kl, scores, mask, 0.1), values * mask, mask, 1.0, 0.95)
+    r = raw[mask].double()
+    assert torch.allclose(adv[mask].double(), (raw[mask].double() - r.mean()) / r.std(unbiased=False), atol=1e-5)
+    assert (adv[~mask] == 0).all()
+
+
+def test_k3_log_ratio_is_clamped_to_ten():
+    """k3 = exp(-r) - 1 + r on r = log pi - log ref clamped to [-10, 10]: at r = -12 it is e^10 - 11, not 1.6e5."""
+    logp = torch.tensor([-12.0, -3.0, 0.5, 15.0])
+    ref = torch.zeros(4)
+    got = kl_estimate(logp, ref, "k3")
+    r = torch.tensor([-10.0, -3.0, 0.5, 10.0], dtype=torch.float64)
+    assert got.tolist() == pytest.approx((torch.exp(-r) - 1 + r).tolist(), rel=1e-6)
+    assert got[0].item() < 2.3e4
+    assert kl_estimate(logp, ref, "k1").tolist() == logp.tolist()  # k1, k2 unclamped
+    assert kl_estimate(logp, ref, "k2")[0].item() == pytest.approx(72.0)
+
+
+def test_clipped_value_loss_takes_the_larger_error():
+    """0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) per token, on cases where each term wins."""
+    old = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    v = torch.tensor([0.5, 0.5, 0.1, 1.0])
+    ret = torch.tensor([1.0, 0.0, 0.0, 3.0])
+    loss, clipped = clipped_value_loss(v, old, ret, clip=0.2)
+    # row 0: V moved 0.5 toward R = 1; clipped V = 0.2 is farther: (0.2 - 1)^2 = 0.64 beats 0.25
+    # row 1: V moved 0.5 away from R = 0; the unclipped error 0.25 beats the clipped 0.04
+    # row 2: inside the clip: both 0.01; row 3: unmoved, both 4
+    assert loss.tolist() == pytest.approx([0.32, 0.125, 0.005, 2.0], rel=1e-6)
+    assert clipped.tolist() == [True, False, False, False]
+
+
+def test_kl_controller_moves_the_coefficient_toward_the_target():
+    """Ziegler et al.: coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * samples / horizon."""
+    up = KLController(0.1, target=1.0, horizon=100)
+    up.update(kl=1.1, samples=10)  # above target: the penalty grows
+    assert up.value == pytest.approx(0.1 * (1 + 0.1 * 10 / 100))
+    up.update(kl=5.0, samples=10)  # error clipped at 0.2
+    assert up.value == pytest.approx(0.1 * 1.01 * 1.02)
+    down = KLController(0.1, target=1.0, horizon=100)
+    down.update(kl=0.95, samples=10)  # below target: it shrinks
+    assert down.value == pytest.approx(0.1 * (1 - 0.05 * 10 / 100))
+    down.update(kl=0.0, samples=10)
+    assert down.value == pytest.approx(0.1 * 0.995 * 0.98)
+    fixed = KLController(0.1, target=None, horizon=100)
+    fixed.update(kl=5.0, samples=10)
+    assert fixed.value == 0.1
+
+
+def test_token_stats_exact_kl_and_entropy_equal_torch_distributions():
+    """TokenStats' entropy and exact KL(this || other) at a temperature, against torch.distributions on the full
+    logits of two different models."""
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
+    torch.manual_seed(0)
+    a, b = Transformer(cfg).eval(), Transformer(cfg).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    labels = ids.roll(-1, 1)
+    labels[:, :3] = -100
+    temp = 0.7
+    with torch.no_grad():
+        stats = a(ids, output=TokenStats(labels, temp, b(ids, output=Hidden()), b.lm_head.weight, chunk=5))
+        pa = torch.distributions.Categorical(logits=a(ids, output=Logits()).double() / temp)
+        pb = torch.distributions.Categorical(logits=b(ids, output=Logits()).double() / temp)
+    keep = labels != -100
+    kl = torch.distributions.kl_divergence(pa, pb)
+    assert float(kl[keep].min()) > 1e-3  # the models differ: KL(a || b) and KL(b || a) differ too
+    assert torch.allclose(stats["kl"][keep].double(), kl[keep], atol=1e-5)
+    assert not torch.allclose(stats["kl"][keep].double(), torch.distributions.kl_divergence(pb, pa)[keep], atol=1e-3)
+    assert torch.allclose(stats["entropy"][keep].double(), pa.entropy()[keep], atol=1e-5)
+    assert torch.allclose(stats["logprobs"][keep].double(), pa.log_prob(labels.clamp(min=0))[keep], atol=1e-5)
+    assert torch.allclose(stats["other_logprobs"][keep].double(), pb.log_prob(labels.clamp(min=0))[keep], atol=1e-5)
+    assert (stats["kl"][~keep] == 0).all() and (stats["entropy"][~keep] == 0).all()
+
+
+@pytest.mark.parametrize("temp", [0.7, 0.5])
+def test_bf16_logprobs_of_policy_and_reference_agree_exactly_at_any_temperature(temp):
+    """bf16, T not a power of 2: TokenLogProbs (the policy's old log-probs) and TokenStats (the reference's) do the same
+    computation, so equal weights give equal log-probs and a KL of exactly 0 (it was 1.9e-3 per token apart)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+    model = Transformer(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 300, (3, 20))
+    labels = ids.roll(-1, 1)
+    labels[:, :5] = -100
+    with torch.no_grad():
+        lp = model(ids, output=TokenLogProbs(labels, temp))
+        st = model(ids, output=TokenStats(labels, temp, model(ids, output=Hidden()), model.lm_head.weight))
+    keep = labels != -100
+    assert torch.equal(lp[keep], st["other_logprobs"][keep]) and torch.equal(lp[keep], st["logprobs"][keep])
+    assert torch.equal(kl_estimate(lp, st["other_logprobs"], "k1"), torch.zeros_like(lp))
+    with torch.no_grad():  # and they are log softmax(fp32 logits / T)
+        want = torch.log_softmax(model(ids, output=Logits()).float() / temp, -1)
+    want = want.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    assert torch.allclose(lp[keep], want[keep], atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------- sampler
 def test_sampler_logprobs_equal_the_trainers_and_samples_follow_the_distribution():
     torch.manual_seed(0)
@@ -138,8 +294,10 @@ def test_sampler_logprobs_equal_the_trainers_and_samples_follow_the_distribution
     assert ro2.tokens[0, :n].tolist() == ro.tokens[2, :n].tolist()
 
 
-def test_first_minibatch_ratio_is_one(prepared_prompt_dir, tmp_path, monkeypatch):
-    """Before any update the policy that sampled is the policy being trained: ratio exactly 1, nothing clipped."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_first_minibatch_ratio_is_one(prepared_prompt_dir, tmp_path, monkeypatch, temperature):
+    """Before any update the policy that sampled is the policy being trained: ratio exactly 1, nothing clipped; at
+    rollout.temperature != 1 too (the old log-probs, the update's and the sampler's are all at that temperature)."""
     import igpt.stages.ppo as ppo
 
     seen = []
@@ -152,7 +310,8 @@ def test_first_minibatch_ratio_is_one(prepared_prompt_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(ppo, "clipped_policy_loss", spy)
     trainer = make_trainer(ppo_overrides(prepared_prompt_dir, str(tmp_path / "r"), "trainer.max_steps=1",
-                                         "ppo.minibatches=2", "trainer.micro_batch_size=4"))
+                                         "ppo.minibatches=2", "trainer.micro_batch_size=4",
+                                         f"rollout.temperature={temperature}"))
     try:
         out = trainer.train_step(next(iter(trainer.train_loader)))
     finally:
@@ -332,3 +491,128 @@ def test_rollouts_gather_fsdp_weights_once_not_per_token():
         assert torch.equal(ro.tokens, sample_rollout(plain, ids, real, 12, seeds, 1.0).tokens)  # the same samples
     finally:
         strategy.teardown()
+
+
+# ---------------------------------------------------------------------------------------------------- wiring
+def test_ptx_gradient_is_coef_times_the_pretraining_loss_gradient(prepared_prompt_dir, prepared_text_dir, tmp_path,
+                                                                  monkeypatch):
+    """PPO-ptx: with every advantage 0 (GRPO on a constant reward, no KL penalty) the policy loss has no gradient,
+    so the actor's gradient in the optimizer step is exactly ptx.coef times that of the ptx batch's mean token loss,
+    computed here on a copy of the weights the step started from."""
+    import copy
+
+    monkeypatch.syspath_prepend(HERE)
+    coef = 0.5
+    trainer = make_trainer(ppo_overrides(
+        prepared_prompt_dir, str(tmp_path / "r"), "trainer.max_steps=1", "ppo.advantage=grpo", "kl.coef=0",
+        "reward.functions=[rewards:constant]", f"ptx.coef={coef}", f"ptx.data_dir={prepared_text_dir}",
+        "trainer.grad_clip=0"))
+    try:
+        stage, actor = trainer.stage, trainer.models["policy"]
+        start = copy.deepcopy(actor.module)
+        seen: dict = {}
+        next_ptx, step = stage._next_ptx, actor.clip_and_step
+
+        def spy_ptx():
+            seen["batch"] = next_ptx()
+            return seen["batch"]
+
+        def spy_step(*args, **kwargs):
+            seen["grads"] = {n: p.grad.clone() for n, p in actor.module.named_parameters() if p.grad is not None}
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(stage, "_next_ptx", spy_ptx)
+        monkeypatch.setattr(actor, "clip_and_step", spy_step)
+        out = trainer.train_step(next(iter(trainer.train_loader)))
+    finally:
+        trainer.close()
+    assert out["loss/policy"] == 0.0 and out["loss/ptx"] > 0
+    b = seen["batch"]
+    start.train()
+    loss = start(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]) / (b["labels"] != -100).sum()
+    (coef * loss).backward()
+    want = {n: p.grad for n, p in start.named_parameters() if p.grad is not None}
+    assert set(want) == set(seen["grads"])
+    for n, g in want.items():
+        assert torch.allclose(seen["grads"][n], g, rtol=1e-4, atol=1e-7), n
+    assert max(float(g.abs().max()) for g in want.values()) > 1e-3  # a real gradient
+
+
+def test_reward_model_score_on_the_ppo_path_is_normalised_and_read_at_the_last_token(
+        prepared_pref_dir, prepared_prompt_dir, tmp_path):
+    """reward.model on the PPO path: each response's score is the scalar head at its sequence's last real token (its
+    <|im_end|>, or the last token a truncated response kept) minus the mean stored with the reward model, as the raw
+    model computes it on that sequence alone."""
+    from igpt.checkpoint import load_model
+    from tests.test_rm import rm_overrides
+
+    rm = str(tmp_path / "rm")
+    train(rm_overrides(prepared_pref_dir, rm, "trainer.max_steps=1", "trainer.global_batch_size=8",
+                       "rm.norm_batches=1"))
+    raw, _, meta = load_model(rm)
+    mean = meta["reward_norm"]["mean"]
+    raw.value_offset = 0.0
+    trainer = make_trainer(ppo_overrides(prepared_prompt_dir, str(tmp_path / "ppo"), "trainer.max_steps=1",
+                                         f"reward.model={rm}", "reward.functions=[]", "reward.clip=0"))
+    try:
+        stage = trainer.stage
+        batch = next(iter(trainer.train_loader))
+        prompts, preal = stage._prompts(batch)
+        ro = sample_rollout(trainer.models["policy"].module, prompts, preal, 8, row_seeds(0, 0, torch.arange(4)), 1.0,
+                            stop_ids=trainer.stop_ids, pad_id=trainer.pad_id)
+        ids, real = torch.cat([prompts, ro.tokens], 1), torch.cat([preal, ro.mask], 1)
+        got, _ = stage.score(ids, real, prompts.shape[1], ro.tokens, ro.mask, [0] * 4, "train")
+    finally:
+        trainer.close()
+    assert abs(mean) > 1e-3  # a normalisation to apply
+    with torch.no_grad():
+        for i in range(4):
+            values = raw(ids[i][real[i]][None])[0]  # the sequence alone, no padding
+            assert got[i].item() == pytest.approx(values[-1].item() - mean, abs=1e-5), i
+            assert abs(values[-1].item() - values[-2].item()) > 1e-3  # one token early would show
+
+
+def test_missing_eos_penalty_lands_only_on_truncated_responses(prepared_prompt_dir, tmp_path, monkeypatch):
+    """reward.missing_eos_penalty is subtracted from exactly the responses with no end-of-turn token (cut by the token
+    budget), and the rollout's ``ended`` flag says which those are."""
+    import igpt.sampling
+
+    penalty = 2.0
+    trainer = make_trainer(ppo_overrides(prepared_prompt_dir, str(tmp_path / "r"), "trainer.max_steps=1",
+                                         "ppo.advantage=grpo", f"reward.missing_eos_penalty={penalty}", "kl.coef=0"))
+    try:
+        stage, actor = trainer.stage, trainer.models["policy"]
+        with torch.no_grad():  # make the end of turn likely (about one token in six) so both kinds of response occur
+            w = actor.module.lm_head.weight
+            noise = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(1))
+            w[trainer.stop_ids[0]] = w[trainer.stop_ids[0]] + 0.6 * noise
+        seen: dict = {}
+        rollout, score, advantages = igpt.sampling.sample_rollout, stage.score, stage.advantages
+
+        def spy_rollout(*args, **kwargs):
+            seen["ro"] = rollout(*args, **kwargs)
+            return seen["ro"]
+
+        def spy_score(*args, **kwargs):
+            seen["scores"] = score(*args, **kwargs)[0]
+            return seen["scores"], None
+
+        def spy_advantages(scores, *args, **kwargs):
+            seen["penalised"] = scores
+            return advantages(scores, *args, **kwargs)
+
+        monkeypatch.setattr(igpt.sampling, "sample_rollout", spy_rollout)
+        monkeypatch.setattr(stage, "score", spy_score)
+        monkeypatch.setattr(stage, "advantages", spy_advantages)
+        out = trainer.train_step(next(iter(trainer.train_loader)))
+        stops = set(trainer.stop_ids)
+    finally:
+        trainer.close()
+    ro = seen["ro"]
+    ended = torch.tensor([any(t in stops for t in row[keep].tolist()) for row, keep in zip(ro.tokens, ro.mask)])
+    assert 0 < int(ended.sum()) < ended.numel(), ended  # both kinds in the batch
+    assert torch.equal(ro.ended.cpu(), ended)
+    assert (ro.mask[~ended].sum(1) == 8).all()  # the others used the whole budget
+    want = seen["scores"] - penalty * (~ended).float()
+    assert torch.equal(seen["penalised"], want)
+    assert out["response_length/clip_ratio"] == pytest.approx(float((~ended).float().mean()))

@@ -115,6 +115,17 @@ def test_lr_schedules():
     assert lr_at(100, wsd, 100) == pytest.approx(0.0)
 
 
+def test_lr_warmup_reaches_the_peak_exactly_at_its_last_step():
+    """Linear warmup over warmup_steps steps (step s gets peak (s + 1) / warmup), then the schedule from the peak."""
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1, schedule="cosine")
+    assert [lr_at(s, cfg, 20) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_at(4, cfg, 20) == pytest.approx(1.0)  # the first cosine step: still the peak
+    assert lr_at(5, cfg, 20) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 16)))
+    assert lr_at(20, cfg, 20) == pytest.approx(0.1)
+    const = OptimConfig(lr=2.0, warmup_steps=2, schedule="constant")
+    assert [lr_at(s, const, 10) for s in range(4)] == pytest.approx([1.0, 2.0, 2.0, 2.0])
+
+
 def test_non_finite_loss_skips_step_then_stops(prepared_text_dir, tmp_path):
     trainer = make_trainer(base(prepared_text_dir, str(tmp_path / "nan"), "trainer.max_steps=10",
                                 "trainer.max_bad_steps=3"))
@@ -391,3 +402,49 @@ def test_skip_corrupt_shards_through_the_trainer(prepared_text_dir, tmp_path):
     metrics = read_metrics(run)
     assert sorted(metrics) == list(range(1, 41))
     assert metrics[40]["skipped_shards"] == 1 and metrics[1]["skipped_shards"] in (0, 1)
+
+
+def _one_step_grads(overrides: list[str]) -> tuple[torch.Tensor, dict, list[int]]:
+    """The flattened gradient of the first optimizer step, its metrics, and the loss units of each micro-batch."""
+    trainer = make_trainer(overrides)
+    try:
+        (model,) = trainer.trainable.values()
+        seen: dict = {}
+        step = model.clip_and_step
+
+        def spy(*args, **kwargs):
+            seen["g"] = torch.cat([p.grad.flatten() for p in model.module.parameters() if p.grad is not None])
+            return step(*args, **kwargs)
+
+        model.clip_and_step = spy
+        batch = next(iter(trainer.train_loader))
+        counts = [int(trainer.stage.count(mb)) for mb in trainer.micro_batches(batch)]
+        out = trainer.train_step(batch)
+    finally:
+        trainer.close()
+    return seen["g"], out, counts
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_accumulated_micro_batches_equal_one_batch_on_variable_length_data(prepared_sft_dir, prepared_pref_dir,
+                                                                           stage):
+    """Gradient accumulation weighs each micro-batch by its share of the batch's loss units (SFT: tokens, which differ
+    per micro-batch on unpacked conversations; DPO: records), so 4 micro-batches give the gradient of 1 (fp32)."""
+    from tests.test_dpo import dpo_overrides
+
+    def overrides(micro: int) -> list[str]:
+        if stage == "sft":
+            return ["+stage=sft", f"data.dir={prepared_sft_dir}", "run_dir=/tmp/unused", *TINY, "stage.pack=false",
+                    "trainer.global_batch_size=8", f"trainer.micro_batch_size={micro}", "trainer.progress=false",
+                    "logger.wandb.mode=disabled", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.max_steps=1"]
+        return dpo_overrides(prepared_pref_dir, "/tmp/unused", "trainer.global_batch_size=8",
+                             f"trainer.micro_batch_size={micro}", "trainer.max_steps=1")
+
+    g1, out1, counts1 = _one_step_grads(overrides(8))
+    g4, out4, counts4 = _one_step_grads(overrides(2))
+    assert len(counts1) == 1 and len(counts4) == 4 and sum(counts4) == counts1[0]
+    if stage == "sft":
+        assert len(set(counts4)) > 1, counts4  # unequal micro-batches: equal weights would differ
+    assert out4["loss"] == pytest.approx(out1["loss"], rel=1e-6)
+    assert torch.allclose(g4, g1, rtol=1e-4, atol=1e-7)
+    assert float(g1.abs().max()) > 1e-4

@@ -1,5 +1,5 @@
 """Trust what you load and what you resume: safe DCP loading, checksums, run locks, refused mismatches, one-line
-errors (issue P15). Unit-sized: small files, a tiny model, at most a few training steps."""
+errors. Unit-sized: small files, a tiny model, at most a few training steps."""
 
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ Records come one JSON object per line (``.jsonl``/``.json``, blank lines skipped
   conversational format of TRL's preference datasets); or K-wise, as InstructGPT's labelers ranked K responses,
   ``{"prompt" | "messages", "responses": [...], "ranking": [...]}`` with ``ranking[i]`` the rank of ``responses[i]``
   (0 = best; equal ranks are ties).
+- unpaired (kind=kto, KTO): ``{"prompt" | "messages", "completion": ..., "label": true | false}``, the completion a
+  string or messages continuing the prompt, ``label`` whether it is desirable (TRL's unpaired preference format).
 - prompt (kind=prompt, PPO): ``{"prompt": "..." | [...messages]}`` or ``{"messages": [...]}`` ending in a user turn;
   every other field (a reference answer, say) is kept for the reward functions.
 """
@@ -355,6 +357,21 @@ def parse_pref_record(obj: dict[str, Any], where: str, messages_field: str = "me
         raise ValueError(f"{where}: 'margin' must be a number, got {type(margin).__name__}")
     chosen, rejected = _response(obj["chosen"], "chosen", where), _response(obj["rejected"], "rejected", where)
     return PrefRecord(prompt, [chosen, rejected], [0, 1], float(margin))
+
+
+def parse_kto_record(obj: dict[str, Any], where: str, messages_field: str = "messages") -> PrefRecord:
+    """An unpaired KTO example ``{"prompt" | "messages", "completion", "label": true | false}`` -> a
+    :class:`PrefRecord` with one response, ranked 0 (desirable) or 1 (undesirable)."""
+    from igpt.errors import DataError
+
+    prompt = _prompt_messages(obj, where, messages_field)
+    for key in ("completion", "label"):
+        if key not in obj:
+            raise DataError(f"{where}: missing key {key!r}; a kind=kto record is {{\"prompt\" (or "
+                            f"{messages_field!r}), \"completion\", \"label\": true|false}}")
+    if not isinstance(obj["label"], bool):
+        raise DataError(f"{where}: 'label' must be true (a desirable completion) or false, got {obj['label']!r}")
+    return PrefRecord(prompt, [_response(obj["completion"], "completion", where)], [0 if obj["label"] else 1])
 
 
 def parse_prompt_record(obj: dict[str, Any], where: str, messages_field: str = "messages") -> list[Message]:

@@ -63,6 +63,7 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "text": ("input_ids", "labels", "position_ids"),
     "sft": ("input_ids", "labels", "position_ids"),
     "pref": ("input_ids", "labels", "position_ids", "seq_rank", "margin", "sample_id"),
+    "kto": ("input_ids", "labels", "position_ids", "seq_rank", "margin", "sample_id"),  # pref rows with K = 1
     "prompt": ("input_ids", "prompt_len", "sample_id"),
 }
 PAD_VALUES = {"labels": -100, "seq_rank": -1, "margin": 0, "sample_id": -1, "prompt_len": 0}
@@ -124,7 +125,7 @@ class _Spec:
             sample=state["sample"],
         )
         kind, S, pad = self.index.kind, self.seq_len, self.index.pad_id
-        if kind == "pref":
+        if kind in ("pref", "kto"):
             return PrefPacker(cursor, S, pad, done=state["done"])
         if kind == "prompt":
             return PromptPacker(cursor, S, pad, done=state["done"])

@@ -1,7 +1,7 @@
 """Tokenize text, chat or preference data into WebDataset shards with an ``index.json`` (docs/internals.md).
 
     python -m igpt.data.prepare input=<glob or comma list> output_dir=<dir> tokenizer=<tokenizer.json or folder>
-        [kind=text|sft|pref|prompt] [val_fraction=0.05] [seq_len=<n>] [shard_tokens=1000000] [num_workers=<n>]
+        [kind=text|sft|pref|kto|prompt] [val_fraction=0.05] [seq_len=<n>] [shard_tokens=1000000] [num_workers=<n>]
         [encoding=utf-8] [separator=<str>] [strip_gutenberg=false] [chunk_bytes=65536] [seed=1234] [overwrite=false]
         [text_field=text] [messages_field=messages]
 
@@ -29,6 +29,8 @@ fits, else uint32; masks uint8):
   tokens incl. its end of turn) back to back, ``lens.bin`` (their lengths), ``rank.bin`` and ``margin.bin``. A pair
   is K = 2 with ranks [0, 1]. With ``seq_len`` the K sequences together fit ``seq_len`` tokens (the longest responses
   are cut first, as the loader does; igpt.data.packing.fit_segments).
+- kind=kto: unpaired ``{"prompt" | "messages", "completion", "label": true|false}`` examples, each stored as a kind=pref
+  sample with K = 1 (rank 0 = desirable, 1 = undesirable).
 - kind=prompt: ``ids.bin`` (the prompt through the generation prompt) and ``record.json`` (the record as given).
 
 ``bytes`` in the index is the UTF-8 size of the text each split holds: for text, the decoded documents (after
@@ -78,6 +80,7 @@ from igpt.data.formats import (
     iter_text_chunks,
     load_record,
     parse_args,
+    parse_kto_record,
     parse_pref_record,
     parse_prompt_record,
     parse_sft_record,
@@ -162,6 +165,9 @@ class _Encoder:
             if kind == "prompt":
                 messages = parse_prompt_record(obj, where, self.messages_field)
                 out.append(_DROPPED_EMPTY if _empty_prompt(messages) else self._prompt(obj, where))
+            elif kind == "kto":  # one sequence, stored as a K = 1 pref record (igpt.data.kinds)
+                rec = parse_kto_record(obj, where, self.messages_field)
+                out.append(_DROPPED_EMPTY if _empty_prompt(rec.prompt) else self._pref(rec))
             else:
                 rec = parse_pref_record(obj, where, self.messages_field)
                 out.append(_DROPPED_EMPTY if _empty_prompt(rec.prompt) else

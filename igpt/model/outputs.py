@@ -10,7 +10,9 @@ the model knows nothing of parallelism.
 - :class:`TokenLoss`: the fp32 next-token cross-entropy of ``labels`` (``-100`` = no loss), summed or per token.
 - :class:`TokenLogProbs`: per-token log-probabilities ``(B, S)`` of ``labels`` under ``softmax(logits / T)`` (0 where
   ignored), differentiable. With ``kernels.loss=triton`` this is the fused linear cross-entropy kernel, which never
-  materialises the ``(N, V)`` logits; DPO and PPO use it for their log-ratios.
+  materialises the ``(N, V)`` logits; DPO and PPO use it for their log-ratios. At a temperature that is not a power
+  of 2 it computes the logits in the compute dtype and divides them by T in fp32 (materialising them), the same
+  computation as :class:`TokenStats` and the sampler, so a policy and a reference with equal weights agree exactly.
 - :class:`TokenStats`: no-grad per-token log-probabilities and entropies computed over token chunks (at most
   ``chunk`` rows of logits exist at a time), optionally with the exact full-vocabulary KL to a second model's
   distribution given by its hidden states and output matrix (PPO's ``objective/kl_exact``).
@@ -20,6 +22,7 @@ the model knows nothing of parallelism.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +82,26 @@ class TokenLogProbs(Output):
     temperature: float = 1.0
 
     def __call__(self, model, hidden):
-        if self.temperature != 1.0:
-            hidden = hidden / self.temperature  # logits / T == (hidden / T) @ W.T
-        return -TokenLoss(self.labels, "none")(model, hidden)
+        t = self.temperature
+        if t == 1.0:
+            return -TokenLoss(self.labels, "none")(model, hidden)
+        if model.loss_backend == "triton" and _power_of_two(t):
+            # dividing by a power of 2 is exact in any float format, so (h / T) @ W.T == (h @ W.T) / T bit for bit
+            return -TokenLoss(self.labels, "none")(model, hidden / t)
+        # Any other T: the logits in the compute dtype, divided by T in fp32, exactly what TokenStats and the sampler
+        # compute (dividing bf16 hidden states first rounds them: 7e-3 per token between policy and reference).
+        b, s, _ = hidden.shape
+        if self.labels.shape != (b, s):
+            raise ValueError(f"labels {tuple(self.labels.shape)} must have the shape of input_ids {(b, s)}")
+        logits = hidden.reshape(b * s, -1) @ _lm_weight(model, "TokenLogProbs").t()  # (B*S, V) in the compute dtype
+        loss = F.cross_entropy(logits.float() / t, self.labels.reshape(b * s), ignore_index=IGNORE_INDEX,
+                               reduction="none")
+        return -loss.reshape(b, s)
+
+
+def _power_of_two(x: float) -> bool:
+    m, _ = math.frexp(x)
+    return x > 0 and m == 0.5
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Direct preference optimisation (Rafailov et al. 2023) and its IPO and hinge variants.
+"""Direct preference optimisation (Rafailov et al. 2023), its IPO and hinge variants, the reference-free SimPO and
+ORPO, and KTO on unpaired examples.
 
 The policy (``init_from``, the SFT model) learns from the same comparisons as a reward model (``igpt.stages.pref``:
-pairs, or all C(K, 2) pairs of a K-wise ranking with weight 1/C(K, 2) each) against a frozen reference
-(``reference_from``, default ``init_from``). With ``pi`` and ``ref`` the summed log-probabilities of a response's
-tokens (``<|im_end|>`` included) and ``w`` / ``l`` the preferred and the other response,
+pairs, or the untied pairs of a K-wise ranking, each weighing 1 / (its record's untied pairs)) against a frozen
+reference (``reference_from``, default ``init_from``). With ``pi`` and ``ref`` the summed log-probabilities of a
+response's tokens (``<|im_end|>`` included) and ``w`` / ``l`` the preferred and the other response,
 
     h = (log pi(w) - log ref(w)) - (log pi(l) - log ref(l))
 
@@ -13,8 +14,25 @@ tokens (``<|im_end|>`` included) and ``w`` / ``l`` the preferred and the other r
   (each log-ratio divided by its response's token count), as TRL implements IPO; the paper's formulation is per
   sequence, and the normalisation keeps the 1/(2 beta) target on one scale whatever the response lengths.
 - ``dpo.loss=hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 - beta h)``.
-- ``dpo.nll_weight`` adds that multiple of the chosen response's mean token negative log-likelihood (RPO, Pang et al.
-  2024), which keeps the chosen log-probabilities from collapsing.
+- ``dpo.loss=simpo`` (SimPO, Meng et al. 2024; reference-free): ``-(1 - eps) log sigmoid(beta (a_w - a_l) - gamma)
+  - eps log sigmoid(-(beta (a_w - a_l) - gamma))`` with ``a`` the *mean* token log-prob of a response under the policy
+  and ``gamma`` = ``dpo.simpo_gamma`` the target reward margin (TRL's CPOTrainer ``loss_type="simpo"``, whose
+  ``simpo_gamma`` is this gamma). The paper uses beta around 2.
+- ``dpo.loss=orpo`` (ORPO, Hong et al. 2024; reference-free): the best response's mean token NLL plus
+  ``-beta log sigmoid(log odds(w) - log odds(l))`` with ``log odds = a - log(1 - exp(a))`` (TRL's ORPOTrainer, whose
+  beta is the paper's lambda).
+- ``dpo.loss=kto`` (KTO, Ethayarajh et al. 2024) on kind=kto data (unpaired completions labelled desirable or not):
+  with ``r = log pi(y) - log ref(y)`` and the reference point ``z = max(0, mean r)`` over the micro-batch's examples
+  (detached), a desirable example costs ``lambda_D (1 - sigmoid(beta (r - z)))`` and an undesirable one ``lambda_U
+  (1 - sigmoid(beta (z - r)))`` (``dpo.kto_desirable_weight``, ``dpo.kto_undesirable_weight``); the loss is their
+  mean over examples. The paper (and TRL) estimate ``z`` on mismatched prompt/completion pairs, which costs another
+  forward of both models; igpt estimates it on the examples themselves.
+- ``dpo.nll_weight`` adds that multiple of the best response's mean token negative log-likelihood (RPO, Pang et al.
+  2024), which keeps the chosen log-probabilities from collapsing: once per record, on its best-ranked response
+  (averaged over the responses tied for best), not on the better response of every pair.
+
+The reference-free losses (simpo, orpo) never build a reference model. Their implicit rewards (``rewards/*``) are
+``beta`` times the mean token log-probs, as in TRL.
 
 Chosen and rejected responses are segments of one packed row, so one forward of the policy (and one of the
 reference) covers both. Metrics carry TRL's names: ``rewards/chosen`` and ``rewards/rejected`` (``beta`` times the
@@ -51,6 +69,10 @@ log = logging.getLogger("igpt")
 METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
 )
+# KTO's examples are unpaired: the share of examples whose implicit reward is on their label's side of the reference
+# point (a tie counts half), the mean of beta (r - z) signed by the label, and the reference point z itself
+KTO_METRICS = ("rewards/accuracies", "rewards/margins", "kl")
+REFERENCE_FREE = ("simpo", "orpo")
 CACHE_DIR = "reference_logps"
 
 
@@ -69,11 +91,38 @@ def dpo_loss(
     raise ValueError(f"dpo.loss={loss!r}: expected sigmoid, ipo or hinge")
 
 
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """SimPO's per-pair loss from the policy's mean token log-probs of the preferred and the other response."""
+    x = beta * (chosen_avg - rejected_avg) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` of ``p = exp(avg_logp)``, the mean token probability ORPO's odds are of."""
+    a = avg_logp.clamp(max=-1e-6)  # p < 1: the odds stay finite
+    return a - torch.log(-torch.expm1(a))
+
+
+def orpo_odds_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float) -> torch.Tensor:
+    """ORPO's odds-ratio term per pair, ``-beta log sigmoid(log odds(w) - log odds(l))`` (without its NLL term)."""
+    return -beta * F.logsigmoid(log_odds(chosen_avg) - log_odds(rejected_avg))
+
+
+def kto_loss(logratio: torch.Tensor, desirable: torch.Tensor, z: torch.Tensor | float, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """KTO's per-example loss from ``log pi - log ref`` of each completion, its label and the reference point."""
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratio - z))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z - logratio))))
+
+
 class DPOStage(Stage):
     name = "dpo"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
+        if cfg.dpo.loss == "kto":
+            self.kind = "kto"  # unpaired examples (igpt.data.kinds)
         self.tables: dict[str, torch.Tensor] = {}  # split -> (samples, K) reference log-probs (precompute mode)
 
     # ---- models ----------------------------------------------------------------------------------------------------
@@ -87,19 +136,34 @@ class DPOStage(Stage):
         source, key = self.reference_source
         return ModelSpec("reference", trainable=False, init=source, init_key=key)
 
+    @property
+    def reference_free(self) -> bool:
+        return self.cfg.dpo.loss in REFERENCE_FREE
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return KTO_METRICS if self.cfg.dpo.loss == "kto" else METRICS
+
     def models(self) -> list[ModelSpec]:
         specs = [ModelSpec("policy", trainable=True, init=self.cfg.init_from)]
-        if not self.cfg.dpo.precompute_reference:
+        if not self.cfg.dpo.precompute_reference and not self.reference_free:
             specs.append(self.reference_spec())
         return specs
 
     def prepare(self, trainer) -> None:
+        from igpt.errors import ConfigError
+
         super().prepare(trainer)
+        if self.reference_free and (self.cfg.dpo.precompute_reference or self.cfg.reference_from):
+            key = "dpo.precompute_reference" if self.cfg.dpo.precompute_reference else "reference_from"
+            raise ConfigError(f"{key} is set, but dpo.loss={self.cfg.dpo.loss} uses no reference model")
         if self.cfg.dpo.precompute_reference:
             self._load_or_precompute()
 
     # ---- loss ------------------------------------------------------------------------------------------------------
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.cfg.dpo.loss == "kto":  # one example per row
+            return (batch["seq_rank"] >= 0).any(dim=1).sum()
         return count_records(batch)
 
     def _reference(self, models: dict[str, Any], batch: dict[str, torch.Tensor], comp: Comparisons,
@@ -125,25 +189,51 @@ class DPOStage(Stage):
         lp = models["policy"](batch["input_ids"], position_ids=batch["position_ids"],
                               output=TokenLogProbs(batch["labels"]))  # (B, S)
         logp = comp.per_segment(lp)  # (n,) summed over each response
-        ref = self._reference(models, batch, comp, split)
         ntok = comp.per_segment((batch["labels"] != -100).float()).clamp(min=1)  # (n,) response tokens
-        ratio = logp - ref
+        if dcfg.loss == "kto":
+            return self._kto(logp - self._reference(models, batch, comp, split), comp)
+        avg = logp / ntok  # (n,) mean token log-prob
         w, lo = comp.better, comp.worse
-        if dcfg.loss == "ipo":
-            per_pair = dpo_loss(ratio[w] / ntok[w], ratio[lo] / ntok[lo], dcfg.beta, "ipo")
+        if self.reference_free:
+            if dcfg.loss == "simpo":
+                per_pair = simpo_loss(avg[w], avg[lo], dcfg.beta, dcfg.simpo_gamma, dcfg.label_smoothing)
+            else:
+                per_pair = orpo_odds_loss(avg[w], avg[lo], dcfg.beta)
+            reward = dcfg.beta * avg.detach()
         else:
-            per_pair = dpo_loss(ratio[w], ratio[lo], dcfg.beta, dcfg.loss, dcfg.label_smoothing)
-        if dcfg.nll_weight:
-            per_pair = per_pair + dcfg.nll_weight * (-logp[w] / ntok[w])
+            ratio = logp - self._reference(models, batch, comp, split)
+            if dcfg.loss == "ipo":
+                per_pair = dpo_loss(ratio[w] / ntok[w], ratio[lo] / ntok[lo], dcfg.beta, "ipo")
+            else:
+                per_pair = dpo_loss(ratio[w], ratio[lo], dcfg.beta, dcfg.loss, dcfg.label_smoothing)
+            reward = dcfg.beta * ratio.detach()
+        loss_sum = comp.weighted_sum(per_pair)
+        nll_weight = dcfg.nll_weight + (1.0 if dcfg.loss == "orpo" else 0.0)
+        if nll_weight:  # once per record: the mean token NLL of its best response(s)
+            loss_sum = loss_sum + nll_weight * (comp.best_weight * -avg).sum()
         with torch.no_grad():
-            chosen, rejected = dcfg.beta * ratio[w], dcfg.beta * ratio[lo]
+            chosen, rejected = reward[w], reward[lo]
             right = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
             metrics = {
                 "rewards/chosen": comp.weighted_sum(chosen), "rewards/rejected": comp.weighted_sum(rejected),
                 "rewards/accuracies": comp.weighted_sum(right), "rewards/margins": comp.weighted_sum(chosen - rejected),
                 "logps/chosen": comp.weighted_sum(logp[w]), "logps/rejected": comp.weighted_sum(logp[lo]),
             }
-        return StageOutput(comp.weighted_sum(per_pair), torch.tensor(comp.records), metrics)
+        return StageOutput(loss_sum, torch.tensor(comp.records), metrics)
+
+    def _kto(self, ratio: torch.Tensor, comp: Comparisons) -> StageOutput:
+        """KTO on kind=kto rows (one example each: rank 0 desirable, 1 undesirable)."""
+        dcfg = self.cfg.dpo
+        desirable = comp.rank == 0
+        z = ratio.detach().mean().clamp(min=0) if ratio.numel() else ratio.new_zeros(())
+        per = kto_loss(ratio, desirable, z, dcfg.beta, dcfg.kto_desirable_weight, dcfg.kto_undesirable_weight)
+        with torch.no_grad():
+            signed = torch.where(desirable, ratio - z, z - ratio)
+            metrics = {
+                "rewards/accuracies": ((signed > 0).float() + 0.5 * (signed == 0).float()).sum(),
+                "rewards/margins": (dcfg.beta * signed).sum(), "kl": z * ratio.numel(),
+            }
+        return StageOutput(per.sum(), torch.tensor(ratio.numel()), metrics)
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -152,8 +242,9 @@ class DPOStage(Stage):
         assert trainer is not None
         models = trainer.models
         models["policy"].eval()
-        live = "reference" in models
-        sums = torch.zeros(4 + len(METRICS), dtype=torch.float64, device=trainer.device)
+        live = "reference" in models and self.cfg.dpo.loss != "kto"  # KTO's examples: no val KL (its "kl" is z)
+        names = self.metric_names
+        sums = torch.zeros(4 + len(names), dtype=torch.float64, device=trainer.device)
         for micro in trainer.eval_micro_batches(self):
             with trainer.strategy.autocast():
                 out = self.loss(models, micro, split="val")
@@ -161,10 +252,10 @@ class DPOStage(Stage):
             sums[0] += out.loss_sum.double()
             sums[1] += float(out.tokens)
             sums[2:4] += kl.to(sums.device)
-            sums[4:] += torch.stack([out.metrics[k].double() for k in METRICS])
+            sums[4:] += torch.stack([out.metrics[k].double().to(sums.device) for k in names])
         total = trainer.strategy.all_reduce(sums).tolist()
         n = max(total[1], 1.0)
-        result = {"loss": total[0] / n, **{k: v / n for k, v in zip(METRICS, total[4:])}}
+        result = {"loss": total[0] / n, **{k: v / n for k, v in zip(names, total[4:])}}
         if live:
             result["kl"] = total[2] / max(total[3], 1.0)
         return result
@@ -180,6 +271,9 @@ class DPOStage(Stage):
         return torch.stack([stats["kl"][keep].double().sum(), keep.sum().double()])
 
     def eval_summary(self, result: dict[str, float]) -> str:
+        if self.cfg.dpo.loss == "kto":
+            return (f"val loss {result['loss']:.4f}, label accuracy {result['rewards/accuracies']:.3f}, "
+                    f"margin {result['rewards/margins']:.3f}, reference point {result['kl']:.4f}")
         kl = f", KL to reference {result['kl']:.4f}" if "kl" in result else ""
         return (f"val loss {result['loss']:.4f}, preference accuracy {result['rewards/accuracies']:.3f}, "
                 f"margin {result['rewards/margins']:.3f}{kl}")

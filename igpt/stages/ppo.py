@@ -22,7 +22,8 @@ One step (``trainer.global_batch_size`` prompts):
 4. **Advantages**: with ``gae``, per-token rewards ``-kl.coef * KL_t`` (``kl.estimator``) plus the score at the last
    response token, then GAE(``ppo.gamma``, ``ppo.lam``) on the critic's values; with ``grpo`` / ``rloo``, the
    sequence return ``score - kl.coef * sum_t KL_t`` against its prompt group's baseline, the same on every token.
-   ``ppo.whiten_advantages`` normalises them over the global batch.
+   ``ppo.whiten_advantages`` (default: on for ``gae`` only) normalises them over the global batch: GAE's over the
+   response tokens, the critic-free ones over the sequences (:meth:`PPOStage.advantages`).
 5. **Updates**: ``ppo.epochs`` passes, each over ``ppo.minibatches`` minibatches (row ``i`` of a rank's rollout batch
    belongs to minibatch ``i mod minibatches``, an assignment independent of the world size; their order is shuffled
    per epoch); clipped policy loss (``ppo.clip``, ``ppo.clip_high``, ``ppo.dual_clip``) and clipped value loss
@@ -59,6 +60,7 @@ from igpt.stages.ppo_math import (
     group_advantages,
     kl_estimate,
     masked_whiten,
+    sequence_whiten,
     token_rewards,
 )
 
@@ -281,12 +283,40 @@ class PPOStage(Stage):
         mean = s[0] / max(s[2], 1.0)
         return mean, max(s[1] / max(s[2], 1.0) - mean * mean, 0.0)
 
+    def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                   coef: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-token advantages ``(B, N)`` (0 off the mask), and the values and returns with a critic, from the
+        (penalised) scores ``(B,)``, the per-token KL estimate ``(B, N)`` and the critic's values.
+
+        ``gae``: GAE on per-token rewards, whitened over the global batch's response tokens unless
+        ``ppo.whiten_advantages=false``. ``grpo`` / ``rloo``: the group advantage of the sequence return on every
+        token; not whitened unless ``ppo.whiten_advantages=true``, and then over the batch's *sequences* (each counts
+        once): whitening the repeated value over tokens would let long responses set the mean and flip the sign of
+        better-than-average short ones (verl and OpenRLHF do not whiten these; TRL's RLOO normalises per sequence)."""
+        pcfg = self.cfg.ppo
+        if self.critic:
+            rewards = token_rewards(kl, scores, mask, coef)
+            values = values * mask
+            adv, returns = gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
+            if pcfg.whiten_advantages is None or pcfg.whiten_advantages:
+                mean, var = self._global_mean_var(adv, mask)
+                adv = masked_whiten(adv, mask, mean, var)
+            return adv, values, returns
+        seq_return = scores - coef * kl.sum(dim=1)
+        # groups are the n samples of one prompt: rows of this rank only, so no collective is needed
+        seq_adv = group_advantages(seq_return, self.cfg.rollout.n, pcfg.advantage)
+        if pcfg.whiten_advantages:
+            ones = torch.ones_like(seq_adv, dtype=torch.bool)
+            mean, var = self._global_mean_var(seq_adv, ones)
+            seq_adv = sequence_whiten(seq_adv, mean, var)
+        return seq_adv[:, None].expand_as(mask) * mask, None, None
+
     # ---- the step --------------------------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         from igpt.sampling import positions_from_mask, row_seeds, sample_rollout
 
         trainer, cfg = self.trainer, self.cfg
-        rcfg, pcfg = cfg.rollout, cfg.ppo
+        rcfg = cfg.rollout
         models, device, n = trainer.models, trainer.device, rcfg.n
         actor = models["policy"]
 
@@ -322,18 +352,7 @@ class PPOStage(Stage):
         coef = self.kl.value
 
         # 4. advantages
-        if self.critic:
-            rewards = token_rewards(kl, scores_pen, mask, coef)
-            values = st["values"] * mask
-            adv, returns = gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
-        else:
-            seq_return = scores_pen - coef * kl_seq
-            # groups are the n samples of one prompt: rows of this rank only, so no collective is needed
-            adv = group_advantages(seq_return, n, pcfg.advantage)[:, None].expand_as(mask) * mask
-            values = returns = None
-        if pcfg.whiten_advantages:
-            mean, var = self._global_mean_var(adv, mask)
-            adv = masked_whiten(adv, mask, mean, var)
+        adv, values, returns = self.advantages(scores_pen, kl, mask, st.get("values"), coef)
 
         # 5. updates
         upd = self._update(ids, pos, labels, mask, old, adv, values, returns, tp, nr)

@@ -2,7 +2,9 @@
 
 - :func:`kl_estimate`: Schulman's per-token estimators of KL(pi || ref) from samples of pi ("Approximating KL
   divergence", 2020), with ``logr = log pi - log ref`` of the sampled token: ``k1 = logr`` (unbiased, can be
-  negative), ``k2 = logr^2 / 2`` (biased, low variance), ``k3 = exp(-logr) - 1 + logr`` (unbiased, never negative).
+  negative), ``k2 = logr^2 / 2`` (biased, low variance), ``k3 = exp(-logr) - 1 + logr`` (unbiased, never negative;
+  its log-ratio clamped to [-10, 10] first, as OpenRLHF does, since ``exp(-logr)`` of one very unlikely token would
+  otherwise dominate the rewards: 1.6e5 at a log-ratio of -12).
 - :func:`gae`: generalised advantage estimation (Schulman et al. 2016) backwards over the response, with values and
   rewards zeroed outside the mask, so whatever a critic predicts past a response's end cannot leak in.
 - :func:`group_advantages`: GRPO (Shao et al. 2024: the reward minus the mean of its prompt's ``n`` samples, divided by
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+K3_CLAMP = 10.0  # k3's log-ratio is clamped to [-K3_CLAMP, K3_CLAMP] (OpenRLHF's compute_approx_kl)
+
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from the log-probs of tokens sampled from pi."""
@@ -27,6 +31,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
     if estimator == "k2":
         return 0.5 * logr**2
     if estimator == "k3":
+        logr = logr.clamp(-K3_CLAMP, K3_CLAMP)
         return torch.expm1(-logr) + logr
     raise ValueError(f"kl.estimator={estimator!r}: expected k1, k2 or k3")
 
@@ -66,6 +71,12 @@ def group_advantages(returns: torch.Tensor, n: int, kind: str, eps: float = 1e-6
     if kind == "rloo":
         return (r - (r.sum(dim=1, keepdim=True) - r) / (n - 1)).flatten()
     raise ValueError(f"ppo.advantage={kind!r}: expected grpo or rloo here")
+
+
+def sequence_whiten(seq_adv: torch.Tensor, mean: float, var: float, eps: float = 1e-8) -> torch.Tensor:
+    """``(a - mean) / sqrt(var)`` of sequence advantages ``(B,)``, mean and variance over the global batch's
+    *sequences* (each counts once, whatever its length: TRL's RLOO ``normalize_advantage``)."""
+    return (seq_adv - mean) * torch.rsqrt(torch.tensor(var + eps, dtype=seq_adv.dtype))
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean: float, var: float, eps: float = 1e-8) -> torch.Tensor:

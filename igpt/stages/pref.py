@@ -4,8 +4,10 @@ A kind=pref row holds one record: K >= 2 sequences (prompt + response) back to b
 ``position_ids`` restart at 0, with ``seq_rank`` the rank of its response (0 = best) on every token and -1 on padding
 (igpt/data/packing.py). InstructGPT trains its reward model on all C(K, 2) comparisons of a prompt as *one* batch
 element (Ouyang et al. 2022, section 3.5: the comparisons of one prompt are strongly correlated, and treating them as
-separate examples overfits), so every pair of a record carries weight ``1 / (its record's pairs)``: a record counts
-once, a chosen/rejected pair being the case K = 2. Ties are dropped.
+separate examples overfits), so every pair of a record carries weight ``1 / (its record's untied pairs)``: a record
+counts once, a chosen/rejected pair being the case K = 2. Ties give no pair, and a record with ties spreads its weight
+over the pairs it has (ranking [0, 0, 1]: two pairs of 1/2 each, not of 1/C(3, 2) = 1/3), so every record weighs the
+same in the loss, which is the mean over records.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Comparisons:
     weight: torch.Tensor  # (m,) 1 / (pairs of the pair's record)
     margin: torch.Tensor  # (m,) the record's margin
     records: int  # rows with at least one pair: the loss's count
+    rank: torch.Tensor  # (n,) the rank of each segment's response (0 = best)
+    best_weight: torch.Tensor  # (n,) 1 / (best-ranked responses of its record) on those, 0 elsewhere and without pairs
 
     @property
     def n(self) -> int:
@@ -79,9 +83,15 @@ def comparisons(batch: dict[str, torch.Tensor]) -> Comparisons:
     )
     weight = 1.0 / pairs_per_row[row[better]]
     margin = batch["margin"][row[better], 0].float() if "margin" in batch else torch.zeros_like(weight)
+    # the best response(s) of each record with a comparison: where an SFT term (RPO's NLL, ORPO) trains
+    top = torch.full((b,), 2**30, dtype=seg_rank.dtype, device=device).scatter_reduce(
+        0, row, seg_rank, reduce="amin", include_self=True)
+    best = (seg_rank == top[row]) & (pairs_per_row[row] > 0)
+    n_best = torch.zeros(b, dtype=torch.float32, device=device).index_add(0, row, best.float())
+    best_weight = torch.where(best, 1.0 / n_best[row].clamp(min=1), torch.zeros_like(n_best[row]))
     return Comparisons(
         row=row, end=end, index=index, segment_of=segment_of, better=better, worse=worse, weight=weight,
-        margin=margin, records=int((pairs_per_row > 0).sum()),
+        margin=margin, records=int((pairs_per_row > 0).sum()), rank=seg_rank, best_weight=best_weight,
     )
 
 

@@ -9,9 +9,9 @@ For a preferred response ``w`` and a less preferred ``l`` of the same prompt the
     -log sigmoid(r(x, w) - r(x, l) - margin)
 
 (Bradley & Terry 1952; the optional per-pair margin is Llama 2's, Touvron et al. 2023). A record of K ranked
-responses contributes the mean over its C(K, 2) pairs, as one batch element (Ouyang et al. 2022, section 3.5;
-``igpt.stages.pref``). Train and val records report ``accuracy`` (share of pairs ranked right), ``margin`` (mean
-``r(w) - r(l)``), ``reward_chosen`` and ``reward_rejected``.
+responses contributes the mean over its untied pairs (all C(K, 2) without ties), as one batch element (Ouyang et al.
+2022, section 3.5; ``igpt.stages.pref``). Train and val records report ``accuracy`` (share of pairs ranked right),
+``margin`` (mean ``r(w) - r(l)``), ``reward_chosen`` and ``reward_rejected``.
 
 After the last step the rewards of the preferred responses (rank 0) of the train split are averaged (``rm.norm_batches``
 batches; 0 = all) and the checkpoint stores that mean; loading the model (``igpt.checkpoint.load_model``, PPO's

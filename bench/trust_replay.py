@@ -1,4 +1,4 @@
-"""Replay a list of bad inputs and faults (a careless or hostile user's) against a checkout of igpt and count the outcomes.
+"""Replay a careless or hostile user's bad inputs and faults against a checkout of igpt and count the outcomes.
 
     python bench/trust_replay.py [--repo /path/to/igpt/checkout] [--only name,...] [--json out.json]
 

@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -78,6 +79,7 @@ def _user_files(work) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a dozen commands, six of them training runs: about 2 min on an idle 2-core machine
 def test_runnable_doc_blocks_run_as_written(tmp_path):
     docs = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
     blocks = [(path, *b) for path in docs for b in runnable_blocks(path)]
@@ -97,8 +99,10 @@ def test_runnable_doc_blocks_run_as_written(tmp_path):
             argv = shlex.split(cmd, comments=True)
             assert argv[0] == "python", f"{where}: a runnable command starts with python: {cmd}"
             argv = tiny([sys.executable, *[os.path.join(REPO, a) if a == "igpt/train.py" else a for a in argv[1:]]])
+            start = time.perf_counter()
             proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, f"{where}: {cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            print(f"{where}: {time.perf_counter() - start:5.1f} s  {cmd[:100]}")
             ran += 1
     assert ran >= 10, ran
-    assert os.path.isdir(work / "runs" / "grpo" / "checkpoints")  # the last documented run finished
+    assert os.path.isdir(work / "runs" / "ppo" / "checkpoints")  # the last runnable documented run finished

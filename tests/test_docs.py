@@ -1,6 +1,7 @@
 """The documented commands work as written: every README and docs/ block marked ``<!-- runnable -->`` runs, in order,
 in one fresh working directory, at tiny sizes (the training commands get a few steps of a small batch; nothing else
-is changed). A block marked ``<!-- runnable: file=NAME -->`` is written to NAME there first (a user's module)."""
+is changed). A block marked ``<!-- runnable: file=NAME -->`` is written to NAME there before any command runs (a
+user's module)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def tiny(argv: list[str]) -> list[str]:
     """A documented command at tiny sizes: training commands get TRAIN_TINY (PPO also PPO_TINY) over their values."""
     if not any(a.endswith("igpt/train.py") for a in argv):
         return argv
-    sizes = dict(TRAIN_TINY, **(PPO_TINY if "+stage=ppo" in argv else {}))
+    sizes = dict(TRAIN_TINY, **(PPO_TINY if "+stage=ppo" in argv else {}),
+                 **({"rm.norm_batches": "2"} if "+stage=rm" in argv else {}))  # not the whole train split
     kept = [a for a in argv if a.partition("=")[0] not in sizes]
     return kept + [f"{k}={v}" for k, v in sizes.items()]
 
@@ -89,11 +91,13 @@ def test_runnable_doc_blocks_run_as_written(tmp_path):
     _user_files(work)
     # as a user runs them, but with this checkout's igpt (the editable install may point at another clone)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONPATH": REPO}
+    for _path, kind, text, _line in blocks:  # the user's modules first: a command may use one shown after it
+        if kind.startswith("file="):
+            (work / kind[len("file="):]).write_text(text + "\n", encoding="utf-8")
     ran = 0
     for path, kind, text, line in blocks:
         where = f"{os.path.relpath(path, REPO)}:{line}"
         if kind.startswith("file="):
-            (work / kind[len("file="):]).write_text(text + "\n", encoding="utf-8")
             continue
         for cmd in commands(text):
             argv = shlex.split(cmd, comments=True)
@@ -105,4 +109,4 @@ def test_runnable_doc_blocks_run_as_written(tmp_path):
             print(f"{where}: {time.perf_counter() - start:5.1f} s  {cmd[:100]}")
             ran += 1
     assert ran >= 10, ran
-    assert os.path.isdir(work / "runs" / "ppo" / "checkpoints")  # the last runnable documented run finished
+    assert os.path.isdir(work / "runs" / "grpo" / "checkpoints")  # the last documented run (my_rewards.py) finished

@@ -531,7 +531,7 @@ class WeightsSource:
         A model with more vocabulary rows than stored (tokens added to the tokenizer) keeps the stored rows and
         starts the new ones at the mean of the stored ones (the resize rule of Hewitt 2021, as in transformers).
         """
-        from igpt.parallel.init import full_shards
+        from igpt.shards import full_shards
 
         tied = getattr(model, "tied", False)
         if tied and shards is None:  # tie first (``to_empty`` gives the output matrix its own parameter)

@@ -30,6 +30,7 @@ import os
 from typing import Any
 
 from igpt.config import ModelConfig
+from igpt.data.jsonfile import read_json_object
 from igpt.model.transformer import ROPE_TYPES
 
 log = logging.getLogger("igpt")
@@ -62,18 +63,6 @@ def is_model_folder(path: str) -> bool:
         and not os.path.exists(os.path.join(path, "meta.json"))
         and (os.path.exists(os.path.join(path, SINGLE)) or os.path.exists(os.path.join(path, INDEX)))
     )
-
-
-def read_json_object(path: str) -> dict[str, Any]:
-    """The JSON object in ``path``; ValueError naming the file when it is unreadable, not JSON or not an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            out = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return out
 
 
 def read_config(folder: str) -> dict[str, Any]:

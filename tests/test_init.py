@@ -19,7 +19,8 @@ import torch
 
 from igpt.config import ModelConfig
 from igpt.model import Transformer
-from igpt.parallel.init import ModelInit, chunks, full_shards, to_empty
+from igpt.parallel.init import ModelInit, chunks, to_empty
+from igpt.shards import full_shards
 from tests.conftest import REPO, TINY
 from tests.init_worker import build_all
 from tests.test_alignment_strategies import overrides as align_overrides

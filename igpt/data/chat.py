@@ -57,6 +57,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from igpt.data.jsonfile import read_json_object
+
 log = logging.getLogger("igpt")
 
 ENDOFTEXT = "<|endoftext|>"
@@ -289,8 +291,6 @@ def _token_str(value: Any) -> str | None:
 
 def _read_json(path: str) -> dict[str, Any]:
     """The JSON object in ``path``, {} when there is no such file."""
-    from igpt.hub import read_json_object
-
     return read_json_object(path) if os.path.exists(path) else {}
 
 

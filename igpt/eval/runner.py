@@ -3,7 +3,7 @@
 How a prompt and an answer become tokens (the conventions of igpt's training data, docs/internals.md):
 
 - chat (``chat=True``, for SFT and later checkpoints): the context is the prompt in the chat template with the
-  generation prompt (``igpt.generate.encode_prompt``), the answer is scored as the assistant's reply. A ``classify``
+  generation prompt (``igpt.sampling.encode_prompt``), the answer is scored as the assistant's reply. A ``classify``
   label is scored as the *whole* reply, i.e. followed by ``<|im_end|>``; a ``choice`` is scored as lm-evaluation-harness
   scores a continuation, without an end marker.
 - raw text (pretraining checkpoints): the context is ``<|endoftext|>`` + prompt and the answer follows after a space
@@ -43,7 +43,7 @@ def answer_pair(
 ) -> tuple[list[int], list[int]]:
     """``(context_ids, answer_ids)`` of a prompt and one candidate answer (module docstring)."""
     from igpt.data.chat import encode_text
-    from igpt.generate import encode_prompt
+    from igpt.sampling import encode_prompt
 
     if chat or not isinstance(prompt, str):
         ctx = encode_prompt(tokenizer, prompt, True, system)
@@ -122,8 +122,8 @@ def eval_classify(model: torch.nn.Module, tokenizer: Any, task: Task, chat: bool
 def greedy_responses(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Prompt], chat: bool, batch_size: int,
                      max_new_tokens: int, system: str | None = None, progress: bool = False,
                      desc: str = "generating") -> list[str]:
-    """Greedy responses to ``prompts`` (``igpt.generate.generate`` with temperature 0), ``batch_size`` at a time."""
-    from igpt.generate import generate
+    """Greedy responses to ``prompts`` (``igpt.sampling.generate`` with temperature 0), ``batch_size`` at a time."""
+    from igpt.sampling import generate
 
     out: list[str] = []
     with eval_mode(model), tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:

@@ -257,7 +257,8 @@ class Strategy:
     def materialize(self, model: nn.Module, init: ModelInit | None, name: str) -> nn.Module:
         """The whole model on the device (strategies that keep full parameters): a meta model is allocated there and
         filled by ``init``; a materialised one is moved."""
-        from igpt.parallel.init import full_shards, on_meta, to_empty
+        from igpt.parallel.init import on_meta, to_empty
+        from igpt.shards import full_shards
 
         if not on_meta(model):
             return model.to(self.device)

@@ -52,7 +52,8 @@ from torch.distributed.tensor import DTensor, init_device_mesh
 
 from igpt.config import OptimConfig, StrategyConfig
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
-from igpt.parallel.init import ModelInit, Shard, on_meta, plain_name
+from igpt.parallel.init import ModelInit, on_meta
+from igpt.shards import Shard, plain_name
 
 log = logging.getLogger("igpt")
 

@@ -59,7 +59,8 @@ from igpt.config import OptimConfig, StrategyConfig
 from igpt.errors import CheckpointError, MissingPathError
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
 from igpt.parallel.fsdp import init_single_process_group
-from igpt.parallel.init import ModelInit, Shard, on_meta, plain_name, to_empty
+from igpt.parallel.init import ModelInit, on_meta, to_empty
+from igpt.shards import Shard, plain_name
 
 log = logging.getLogger("igpt")
 
@@ -67,7 +68,6 @@ DS_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside an igpt checkpoint dir
 DS_TAG = "state"
 OPTIM_FILE = "optimizer.safetensors"  # AdamW's state per parameter (world-size independent)
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
 
 def deepspeed_config(cfg: StrategyConfig, precision: str, world_size: int, device: torch.device) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class ZeroWrapped(Wrapped):
         out: dict[str, torch.Tensor] = {}
         seen: dict[int, str] = {}
         for name, p in self.module.named_parameters(remove_duplicate=False):
-            key = name.replace(_WRAPPER_PREFIX, "")
+            key = plain_name(name)
             if id(p) in seen:  # tied weights: one gather, every key of the plain model's state dict
                 if self.strategy.rank == 0:
                     out[key] = out[seen[id(p)]]
@@ -346,7 +346,7 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     with torch.device("meta"):
         plain = Transformer(module.cfg, module.attention_backend, module.loss_backend, module.head)
     plain.to_empty(device=next(module.parameters()).device)
-    state = {k.replace(_WRAPPER_PREFIX, ""): v for k, v in module.state_dict().items()}
+    state = {plain_name(k): v for k, v in module.state_dict().items()}
     plain.load_state_dict(state)
     if plain.tied:
         plain.lm_head.weight = plain.embed_tokens.weight

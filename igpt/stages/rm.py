@@ -21,6 +21,7 @@ that the labeler demonstrations score 0 before RL).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ from igpt.stages.base import ModelSpec, Stage, StageOutput
 from igpt.stages.pref import Comparisons, comparisons, count_records
 
 METRICS = ("accuracy", "margin", "reward_chosen", "reward_rejected")
+
+log = logging.getLogger("igpt")
 
 
 def bradley_terry(better: torch.Tensor, worse: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -119,8 +122,6 @@ class RewardModelStage(Stage):
             sums += torch.stack([r[chosen].double().sum(), chosen.sum().double()])
         total, n = trainer.strategy.all_reduce(sums).tolist()
         self.reward_mean = total / max(n, 1.0)
-        from igpt.trainer import log
-
         log.info("reward normalisation: preferred train responses score %.4f on average over %d (stored)",
                  self.reward_mean, int(n))
 

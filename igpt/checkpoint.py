@@ -381,7 +381,7 @@ def load_weights(
         raise CheckpointError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
     model.load_state_dict(state, assign=assign, strict=strict)
     if tied:
-        model.lm_head.weight = model.embed_tokens.weight
+        model.retie()
     return missing
 
 
@@ -535,7 +535,7 @@ class WeightsSource:
 
         tied = getattr(model, "tied", False)
         if tied and shards is None:  # tie first (``to_empty`` gives the output matrix its own parameter)
-            model.lm_head.weight = model.embed_tokens.weight
+            model.retie()
         targets = shards if shards is not None else full_shards(model)
         heads = {"lm_head.weight", "score.weight"}
         loaded: set[str] = set()
@@ -590,7 +590,7 @@ class WeightsSource:
                 f"{self.where}: weights do not match the model: missing {bad}, unexpected {sorted(unexpected)}"
             )
         if tied and shards is None:
-            model.lm_head.weight = model.embed_tokens.weight
+            model.retie()
         return missing
 
 
@@ -751,10 +751,6 @@ def save(
                     src = os.path.join(os.path.dirname(tokenizer_path), extra)
                     if os.path.exists(src):
                         shutil.copyfile(src, os.path.join(tmp, extra))
-            pause = float(os.environ.get("IGPT_FAULT_CKPT_PAUSE_S", "0") or 0)
-            if pause > 0:  # fault injection for tests: a window in which a kill leaves a partial checkpoint
-                log.warning("IGPT_FAULT_CKPT_PAUSE_S: pausing %.1fs inside the checkpoint write", pause)
-                time.sleep(pause)
         strategy.barrier()  # every rank's shards are on disk
         if strategy.rank == 0:
             roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}

@@ -92,7 +92,8 @@ class IgptLM(TemplateLM):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from igpt.generate import load_checkpoint, resolve_device
+        from igpt.devices import resolve_device
+        from igpt.generate import load_checkpoint
 
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"igpt lm_eval model: dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -232,7 +233,7 @@ class IgptLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tqdm import tqdm
 
-        from igpt.generate import generate_ids
+        from igpt.sampling import generate_ids
 
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from igpt.config import OptimConfig
-from igpt.trainer import lr_at
+from igpt.schedule import lr_at
+from igpt.stages.context import StepResult
 from tests.conftest import REPO, TINY
 from tests.trainutil import compose_config, make_trainer, read_metrics, train, train_and_stop, train_steps
 
@@ -404,7 +405,7 @@ def test_skip_corrupt_shards_through_the_trainer(prepared_text_dir, tmp_path):
     assert metrics[40]["skipped_shards"] == 1 and metrics[1]["skipped_shards"] in (0, 1)
 
 
-def _one_step_grads(overrides: list[str]) -> tuple[torch.Tensor, dict, list[int]]:
+def _one_step_grads(overrides: list[str]) -> tuple[torch.Tensor, StepResult, list[int]]:
     """The flattened gradient of the first optimizer step, its metrics, and the loss units of each micro-batch."""
     trainer = make_trainer(overrides)
     try:
@@ -418,7 +419,7 @@ def _one_step_grads(overrides: list[str]) -> tuple[torch.Tensor, dict, list[int]
 
         model.clip_and_step = spy
         batch = next(iter(trainer.train_loader))
-        counts = [int(trainer.stage.count(mb)) for mb in trainer.micro_batches(batch)]
+        counts = [int(trainer.stage.count(mb)) for mb in trainer.ctx.micro_batches(batch)]
         out = trainer.train_step(batch)
     finally:
         trainer.close()
@@ -445,6 +446,6 @@ def test_accumulated_micro_batches_equal_one_batch_on_variable_length_data(prepa
     assert len(counts1) == 1 and len(counts4) == 4 and sum(counts4) == counts1[0]
     if stage == "sft":
         assert len(set(counts4)) > 1, counts4  # unequal micro-batches: equal weights would differ
-    assert out4["loss"] == pytest.approx(out1["loss"], rel=1e-6)
+    assert out4.loss == pytest.approx(out1.loss, rel=1e-6)
     assert torch.allclose(g4, g1, rtol=1e-4, atol=1e-7)
     assert float(g1.abs().max()) > 1e-4

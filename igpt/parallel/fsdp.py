@@ -3,7 +3,7 @@
 Follows torchtitan's ``parallelize`` recipe (``torchtitan/models/llama3/infra/parallelize.py``) and the PyTorch FSDP2
 tutorial: activation checkpointing and ``torch.compile`` first (``Strategy.prepare_model``), then ``fully_shard`` on
 every transformer block (each block is one all-gather / reduce-scatter unit), then on the root, which owns the
-embedding, the final norm and the output head. Options (``conf/strategy/fsdp.yaml``):
+embedding, the final norm and the output head. Options (``StrategyConfig`` in igpt/config.py):
 
 - ``param_dtype`` / ``reduce_dtype``: ``MixedPrecisionPolicy``. With ``precision=bf16`` parameters are cast to bf16
   for compute while the sharded master weights, the optimizer state and the gradient reduction stay fp32, so

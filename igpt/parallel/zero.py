@@ -348,8 +348,7 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     plain.to_empty(device=next(module.parameters()).device)
     state = {plain_name(k): v for k, v in module.state_dict().items()}
     plain.load_state_dict(state)
-    if plain.tied:
-        plain.lm_head.weight = plain.embed_tokens.weight
+    plain.retie()
     return plain.to(next(module.parameters()).dtype).eval()
 
 

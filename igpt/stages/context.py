@@ -9,7 +9,6 @@ builder (``igpt/build.py``), so the dependency runs one way: trainer -> stage ->
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ class RunData:
     def open(cls, data_dir: str, kind: str, stage_name: str, device: torch.device) -> RunData:
         """Open ``data_dir`` for a stage reading ``kind`` data; every problem is one line naming the path."""
         from igpt.data.chat import ChatFormat
+        from igpt.data.partition import read_index_json
         from igpt.data.tokenizer import token_bytes, vocab_size
         from igpt.errors import DataError, MissingPathError
 
@@ -66,12 +66,8 @@ class RunData:
                                    f"igpt.data.prepare ... output_dir={data_dir})")
         if not os.path.exists(index_path):
             raise MissingPathError(f"data.dir={data_dir}: no index.json (prepare it: python -m igpt.data.prepare)")
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{index_path}: not valid JSON ({e}); prepare the data again") from None
-        if not isinstance(index, dict) or "kind" not in index:
+        index = read_index_json(data_dir)
+        if "kind" not in index:
             raise DataError(f"{index_path}: not an igpt index (no 'kind'); prepare the data again")
         if index["kind"] != kind:
             raise DataError(

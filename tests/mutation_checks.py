@@ -1,7 +1,8 @@
 """Mutation checks for the tests that guard a mechanism: resume, the NaN guard, bf16, masked eval batches, checkpoint
 fallback, tied embeddings, (M7-M25) the RL and preference maths and their wiring, (M26-M32) the install and
-entry-point rules, (M33-M43) safe loading, checksums, the run lock and refusals. Each mutation disables one mechanism
-in a scratch clone of this repository, runs the tests that guard it and prints which fail. Every listed test should
+entry-point rules, (M33-M43) safe loading, checksums, the run lock and refusals, (M50-M52) the one-way core. Each
+mutation disables one mechanism in a scratch clone of this repository, runs the tests that guard it and prints which
+fail. Every listed test should
 FAIL under its mutation (M3b is the exception: it shows why the bf16 test asserts the compute dtype) and pass without
 it. Not collected by pytest (and not part of ``make test``); run by hand:
 
@@ -218,6 +219,25 @@ MUTATIONS += [
      [T15 + "test_zero_sizes_are_config_errors"]),
 ]
 
+
+# ---- a core that reads one way (P16): the layering, the stage contract and the configuration as a value
+TL = "tests/test_layers.py::"
+MUTATIONS += [
+    ("M50 a stage imports the trainer for its type hints (the two-way contract back)",
+     [("igpt/stages/base.py", "    from igpt.parallel.base import Wrapped\n",
+       "    from igpt.parallel.base import Wrapped\n    from igpt.trainer import Trainer  # noqa: F401\n")],
+     [TL + "test_stages_never_reach_the_trainer"]),
+    ("M51 a library module imports the loop (an import pointing up, and a cycle)",
+     [("igpt/checkpoint.py", "    from igpt.data.chat import FORMAT_FILES\n\n    shutil.copyfile(",
+       "    from igpt.data.chat import FORMAT_FILES\n    from igpt.trainer import Trainer  # noqa: F401\n\n"
+       "    shutil.copyfile(")],
+     [TL + "test_every_import_points_down_the_layers", TL + "test_no_import_cycle"]),
+    ("M52 the resolved architecture written back into the run's config",
+     [("igpt/trainer.py", "        ctx.model_cfg, self.hf_config = resolved.model, resolved.hf_config\n",
+       "        ctx.model_cfg, self.hf_config = resolved.model, resolved.hf_config\n"
+       "        cfg.model = resolved.model\n")],
+     ["tests/test_trainer.py::test_sft_from_pretrained_checkpoint"]),
+]
 
 def patch(repo: str, path: str, old: str | None, new: str) -> None:
     full = os.path.join(repo, path)

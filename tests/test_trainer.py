@@ -11,8 +11,9 @@ import sys
 
 import pytest
 import torch
+import yaml
 
-from igpt.config import OptimConfig
+from igpt.config import OptimConfig, validate
 from igpt.schedule import lr_at
 from igpt.stages.context import StepResult
 from tests.conftest import REPO, TINY
@@ -308,6 +309,17 @@ def test_sft_from_pretrained_checkpoint(prepared_text_dir, prepared_sft_dir, tmp
     assert meta["stage"] == "sft"
     with pytest.raises(ValueError, match="model.dim"):
         make_trainer([*overrides[:-1], "model.dim=96", "model.n_heads=4", f"run_dir={tmp_path / 'bad'}"])
+    # without model.* keys the model is the source's (dim 64), and the run's config stays the config given (the tiny
+    # defaults): the resolved architecture is a value, written to config.yaml and the checkpoints, never into cfg
+    plain = [o for o in overrides if not o.startswith("model.")] + [f"run_dir={tmp_path / 'plain'}"]
+    trainer = make_trainer(plain)
+    try:
+        assert trainer.ctx.model_cfg.dim == 64 and trainer.models["policy"].module.cfg.dim == 64
+        assert trainer.cfg.model.dim == 128 and trainer.cfg.model == validate(compose_config(plain)).model
+        written = yaml.safe_load(open(tmp_path / "plain" / "config.yaml"))
+        assert written["model"]["dim"] == 64
+    finally:
+        trainer.close()
 
 
 def test_activation_checkpointing_same_losses_and_plain_checkpoint(prepared_text_dir, tmp_path):

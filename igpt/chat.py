@@ -17,15 +17,10 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from igpt.cli import parse
+from igpt.devices import resolve_device
 from igpt.errors import IgptError
-from igpt.generate import (
-    SAMPLING_SPEC,
-    encode_prompt,
-    generate_ids,
-    is_chat_checkpoint,
-    load_checkpoint,
-    resolve_device,
-)
+from igpt.generate import SAMPLING_SPEC, is_chat_checkpoint, load_checkpoint
+from igpt.sampling import encode_prompt, generate_ids
 
 log = logging.getLogger("igpt")
 

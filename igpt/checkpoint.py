@@ -381,7 +381,7 @@ def load_weights(
         raise CheckpointError(f"{source}: weights do not match the model: missing {missing}, unexpected {unexpected}")
     model.load_state_dict(state, assign=assign, strict=strict)
     if tied:
-        model.lm_head.weight = model.embed_tokens.weight
+        model.retie()
     return missing
 
 
@@ -535,7 +535,7 @@ class WeightsSource:
 
         tied = getattr(model, "tied", False)
         if tied and shards is None:  # tie first (``to_empty`` gives the output matrix its own parameter)
-            model.lm_head.weight = model.embed_tokens.weight
+            model.retie()
         targets = shards if shards is not None else full_shards(model)
         heads = {"lm_head.weight", "score.weight"}
         loaded: set[str] = set()
@@ -555,31 +555,7 @@ class WeightsSource:
                 if strict or name not in heads:
                     unexpected.append(name)
                 continue
-            want = tuple(target.shape)
-            if target.hi <= target.lo:
-                pass  # this rank holds nothing of it (FSDP's last ranks for a short first dimension)
-            elif shape == want:
-                if target.lo == 0 and target.hi == target.numel:
-                    read(target.local.view(want))
-                else:  # the rows that cover the rank's part, a block of at most ROWS_BLOCK elements at a time
-                    r0, r1 = target.rows()
-                    step = max(1, ROWS_BLOCK // max(1, math.prod(want[1:])))
-                    for a in range(r0, r1, step):
-                        target.write_rows(a, read(rows=(a, min(r1, a + step))))
-            elif name in VOCAB_ROWS and len(shape) == 2 and shape[1] == want[1] and shape[0] < want[0]:
-                stored = read()  # the mean needs every stored row: one full tensor, once
-                mean = stored.float().mean(0).to(stored.dtype)
-                r0, r1 = target.rows()
-                rows = torch.cat([stored[r0 : min(r1, shape[0])], mean.expand(max(0, r1 - max(r0, shape[0])), -1)])
-                target.write_rows(r0, rows)
-                del stored
-                log.info("%s: %s has %d rows for %d tokens: the %d new rows start at the mean row", self.where,
-                         name, shape[0], want[0], want[0] - shape[0])
-            else:
-                raise CheckpointError(
-                    f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model "
-                    f"expects {list(want)}"
-                )
+            self._copy(name, shape, read, target)
             loaded.add(name)
         if bar is not None:
             bar.close()
@@ -590,8 +566,35 @@ class WeightsSource:
                 f"{self.where}: weights do not match the model: missing {bad}, unexpected {sorted(unexpected)}"
             )
         if tied and shards is None:
-            model.lm_head.weight = model.embed_tokens.weight
+            model.retie()
         return missing
+
+    def _copy(self, name: str, shape: tuple[int, ...], read, target) -> None:
+        """Copy stored tensor ``name`` (``read()``: the whole of it, ``read(rows=(a, b))``: rows a..b) into the rank's
+        part of it, ``target`` (a ``Shard``): whole, by blocks of rows, or with new vocabulary rows at the mean."""
+        want = tuple(target.shape)
+        if target.hi <= target.lo:
+            return  # this rank holds nothing of it (FSDP's last ranks for a short first dimension)
+        if shape == want:
+            if target.lo == 0 and target.hi == target.numel:
+                read(target.local.view(want))
+                return
+            r0, r1 = target.rows()  # the rows that cover the rank's part, a block of at most ROWS_BLOCK elements
+            step = max(1, ROWS_BLOCK // max(1, math.prod(want[1:])))
+            for a in range(r0, r1, step):
+                target.write_rows(a, read(rows=(a, min(r1, a + step))))
+        elif name in VOCAB_ROWS and len(shape) == 2 and shape[1] == want[1] and shape[0] < want[0]:
+            stored = read()  # the mean needs every stored row: one full tensor, once
+            mean = stored.float().mean(0).to(stored.dtype)
+            r0, r1 = target.rows()
+            rows = torch.cat([stored[r0 : min(r1, shape[0])], mean.expand(max(0, r1 - max(r0, shape[0])), -1)])
+            target.write_rows(r0, rows)
+            log.info("%s: %s has %d rows for %d tokens: the %d new rows start at the mean row", self.where,
+                     name, shape[0], want[0], want[0] - shape[0])
+        else:
+            raise CheckpointError(
+                f"{self.where}: weight {name} has shape {list(shape)} in {self.folder}, the model expects {list(want)}"
+            )
 
 
 def open_source(path: str, key: str = "checkpoint", role: str | None = None) -> WeightsSource:
@@ -711,6 +714,32 @@ def savable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dic
     return {k: v.contiguous() for k, v in state.items()}
 
 
+def _copy_tokenizer(tokenizer_path: str, ckpt_dir: str) -> None:
+    """The tokenizer and the files of its chat format (igpt.data.chat.FORMAT_FILES) into ``ckpt_dir``."""
+    from igpt.data.chat import FORMAT_FILES
+
+    shutil.copyfile(tokenizer_path, os.path.join(ckpt_dir, "tokenizer.json"))
+    for extra in FORMAT_FILES[1:]:
+        src = os.path.join(os.path.dirname(tokenizer_path), extra)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(ckpt_dir, extra))
+
+
+def _publish(tmp: str, final: str, meta: dict[str, Any]) -> None:
+    """Seal the written ``tmp`` folder (its files' sizes and checksums into meta.json, written last) and make it
+    ``final`` with one rename, then point ``latest`` at it: a checkpoint exists whole or not at all."""
+    root = os.path.dirname(final)
+    files = _file_sizes(tmp)
+    meta = {**meta, "files": files, "checksum": CHECKSUM, "checksums": _checksums(tmp, files), "time": time.time()}
+    write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+
+
 def save(
     run_dir: str,
     step: int,
@@ -743,31 +772,12 @@ def save(
             handle.save(os.path.join(tmp, dirs[role]))
         if strategy.rank == 0:
             torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-            if tokenizer_path:  # the tokenizer and the files of its chat format (igpt.data.chat.FORMAT_FILES)
-                from igpt.data.chat import FORMAT_FILES
-
-                shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
-                for extra in FORMAT_FILES[1:]:
-                    src = os.path.join(os.path.dirname(tokenizer_path), extra)
-                    if os.path.exists(src):
-                        shutil.copyfile(src, os.path.join(tmp, extra))
-            pause = float(os.environ.get("IGPT_FAULT_CKPT_PAUSE_S", "0") or 0)
-            if pause > 0:  # fault injection for tests: a window in which a kill leaves a partial checkpoint
-                log.warning("IGPT_FAULT_CKPT_PAUSE_S: pausing %.1fs inside the checkpoint write", pause)
-                time.sleep(pause)
+            if tokenizer_path:
+                _copy_tokenizer(tokenizer_path, tmp)
         strategy.barrier()  # every rank's shards are on disk
         if strategy.rank == 0:
             roles = {role: {"dir": d, "head": models[role].module.head} for role, d in dirs.items()}
-            files = _file_sizes(tmp)
-            meta = {**meta, "format": FORMAT, "step": step, "models": roles, "files": files, "checksum": CHECKSUM,
-                    "checksums": _checksums(tmp, files), "time": time.time()}
-            write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, default=str))
-            _fsync_dir(tmp)
-            if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped at once)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            write_text_atomic(os.path.join(root, "latest"), name + "\n")
+            _publish(tmp, final, {**meta, "format": FORMAT, "step": step, "models": roles})
             _prune(root, keep_last)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints and ``latest`` are untouched

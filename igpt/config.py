@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from igpt.data.kinds import KINDS
+from igpt.registry import ATTENTION_BACKENDS, LOSS_BACKENDS, STRATEGIES
 from igpt.stages import STAGES
 
 
@@ -27,13 +28,13 @@ class ModelConfig:
     igpt's own architecture, so configs and checkpoints written before they existed mean what they meant.
     """
 
-    name: str = "tiny"
+    name: str = "tiny"  # the defaults are conf/model/tiny.yaml's model
     vocab_size: int = 4096
-    dim: int = 256  # hidden size (HF: hidden_size)
+    dim: int = 128  # hidden size (HF: hidden_size)
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: int = 4  # grouped-query attention: n_heads % n_kv_heads == 0
-    ffn_dim: int = 768  # SwiGLU inner size (HF: intermediate_size)
+    n_kv_heads: int = 2  # grouped-query attention: n_heads % n_kv_heads == 0
+    ffn_dim: int = 384  # SwiGLU inner size (HF: intermediate_size)
     max_seq_len: int = 256  # longest sequence rotary tables and generation allow
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -144,16 +145,16 @@ class PTXConfig:
 class StrategyConfig:
     """How the model is spread over processes. See igpt/parallel/."""
 
-    name: str = "single"  # single | ddp | fsdp | zero1 | zero2 | zero3
+    name: str = "single"  # one of igpt.registry.STRATEGIES (conf/strategy/<name>.yaml sets it)
     # FSDP2
-    reshard_after_forward: bool = True
-    param_dtype: str | None = None  # mixed-precision policy: None follows `precision`
-    reduce_dtype: str = "fp32"
-    cpu_offload: bool = False
+    reshard_after_forward: bool = True  # free gathered block weights after forward (ZeRO-3 memory); false: keep them
+    param_dtype: str | None = None  # compute dtype of gathered weights: None follows `precision` (bf16 -> bf16)
+    reduce_dtype: str = "fp32"  # dtype of the gradient reduce-scatter
+    cpu_offload: bool = False  # sharded params, grads and optimizer state on the CPU (CPUOffloadPolicy)
     # DeepSpeed ZeRO
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    # both
+    offload_optimizer: bool = False  # optimizer state and fp32 master weights on the CPU
+    offload_params: bool = False  # ZeRO-3 only: parameters on the CPU
+    # all
     activation_checkpointing: bool = False
     compile: bool = False
     timeout_s: int = 600  # collective timeout: a dead rank ends the job instead of hanging it
@@ -276,9 +277,9 @@ CHOICES = {
     "dpo.loss": ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"),
     "kl.estimator": ("k1", "k2", "k3"),
     "ppo.advantage": ("gae", "grpo", "rloo"),
-    "strategy.name": ("single", "ddp", "fsdp", "zero1", "zero2", "zero3"),
-    "kernels.attention": ("sdpa", "triton", "flash"),
-    "kernels.loss": ("torch", "triton"),
+    "strategy.name": tuple(STRATEGIES),
+    "kernels.attention": ATTENTION_BACKENDS,
+    "kernels.loss": LOSS_BACKENDS,
     "optim.schedule": ("cosine", "wsd", "constant"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
 }

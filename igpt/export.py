@@ -46,10 +46,11 @@ from igpt.cli import parse
 from igpt.errors import IgptError
 from igpt.generate import is_chat_checkpoint, load_checkpoint
 from igpt.model import Transformer
+from igpt.precision import DTYPES
 
 log = logging.getLogger("igpt")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = ("float32", "bfloat16")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
 
@@ -174,8 +175,8 @@ def export(
 ) -> str:
     """Write the Hugging Face files for ``checkpoint`` into ``output``; return ``output``. ``chat`` (default: from the
     checkpoint's stage) picks the end-of-turn or the end-of-document token as the ``eos_token``."""
-    if dtype not in ("auto", *DTYPES):
-        raise ValueError(f"dtype={dtype!r}: expected auto, {', '.join(DTYPES)}")
+    if dtype not in ("auto", *EXPORT_DTYPES):
+        raise ValueError(f"dtype={dtype!r}: expected auto, {', '.join(EXPORT_DTYPES)}")
     max_bytes = parse_size(max_shard_size)
     model, fmt, meta = load_checkpoint(checkpoint, "cpu")
     chat = is_chat_checkpoint(meta, fmt) if chat is None else chat

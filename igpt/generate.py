@@ -25,16 +25,10 @@ from typing import Any
 import torch
 
 from igpt.cli import parse
+from igpt.devices import resolve_device
 from igpt.errors import IgptError
 from igpt.model import Transformer
-from igpt.sampling import (  # noqa: F401 - the public generation API, importable from here as before
-    Prompt,
-    encode_prompt,
-    filter_logits,
-    generate,
-    generate_ids,
-    sample_next,
-)
+from igpt.sampling import Prompt, generate
 from igpt.stages import CHAT_STAGES
 
 log = logging.getLogger("igpt")
@@ -58,14 +52,6 @@ def is_chat_checkpoint(meta: dict[str, Any], tokenizer: Any = None) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device={device!r}: expected auto, cpu or cuda")
-    return device
-
-
 def resolve_chat(flag: str, meta: dict[str, Any], tokenizer: Any = None) -> bool:
     if flag not in ("auto", "true", "false"):
         raise ValueError(f"chat={flag!r}: expected auto, true or false")

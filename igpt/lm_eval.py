@@ -55,10 +55,10 @@ except ImportError as _e:  # the optional extra: one line, not a traceback
     raise MissingExtraError(_msg) from None
 
 from igpt.eval.scoring import max_seq_len, rolling_windows, score_requests
+from igpt.precision import DTYPES, LONG, dtype_of
 
 log = logging.getLogger("igpt")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class IgptLM(TemplateLM):
@@ -92,10 +92,11 @@ class IgptLM(TemplateLM):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from igpt.generate import load_checkpoint, resolve_device
+        from igpt.devices import resolve_device
+        from igpt.generate import load_checkpoint
 
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"igpt lm_eval model: dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
+        if dtype is not None:
+            dtype_of(dtype, "igpt lm_eval model: dtype", LONG)
         if model is None:
             if checkpoint is None:
                 raise ValueError("igpt lm_eval model: give checkpoint=<run or checkpoint dir> or model=, tokenizer=")
@@ -232,7 +233,7 @@ class IgptLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tqdm import tqdm
 
-        from igpt.generate import generate_ids
+        from igpt.sampling import generate_ids
 
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):

@@ -45,6 +45,29 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+class ComputeDtypeProbe:
+    """The dtype the first matrix multiply of ``module`` really computes in (autocast, FSDP's mixed precision or
+    DeepSpeed's bf16 all show there), recorded once by a forward hook that then removes itself; ``None`` before the
+    first forward."""
+
+    def __init__(self, module: torch.nn.Module, describe: str) -> None:
+        self.dtype: str | None = None
+        first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+        self._handle = first.register_forward_hook(self._hook)
+        self._describe = describe
+
+    def _hook(self, mod, args, out) -> None:
+        self.dtype = str(out.dtype).removeprefix("torch.")
+        log.info("compute dtype: %s (%s)", self.dtype, self._describe)
+        self._handle.remove()
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """A model's parameter count: a shared (tied) matrix once; whole even when sharded (FSDP's DTensor numel is
+    global; a ZeRO-3 parameter keeps its full size in ``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, config: dict[str, Any], wandb_cfg, enabled: bool, start_step: int = 0) -> None:
         """``start_step`` is the step the run starts from: 0 for a fresh run (a new W&B run), the checkpoint's step

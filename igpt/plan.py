@@ -70,6 +70,7 @@ import torch
 
 from igpt.cli import spec_of, usage, wants_help
 from igpt.config import Config, ModelConfig, validate
+from igpt.precision import compute_dtype
 
 GiB = 2**30
 PLAN_KEYS = {"world_size": int, "gpu_memory_gb": float, "reserve_gb": float, "mfu": float, "gpu": str,
@@ -361,7 +362,7 @@ def traced_peak(
     if loss == "triton":
         patch = mock.patch("igpt.kernels.fused_linear_cross_entropy", _fused_loss_footprint)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if regime == "autocast" else contextlib.nullcontext()
-    dtype = torch.bfloat16 if regime == "bf16" else torch.float32
+    dtype = compute_dtype(regime)
     # The embedding's backward runs last, when no activation is left: its (dense) gradient is a parameter gradient,
     # and a tied matrix's two gradients meeting there are `Plan.tied_grads`. Left in, it would hide the
     # layers' share of the peak in small traces, so the trace unties the head and cuts the graph below the layers.

@@ -331,29 +331,27 @@ def report(run_dirs: Sequence[str], output: str, title: str = "igpt run report")
     return output
 
 
+SPEC = {"output": (str, "report.html"), "title": (str, "igpt run report")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0 if argv else 2
-    options = {"output": "report.html", "title": "igpt run report"}
-    run_dirs = []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if eq and not os.path.isdir(arg):
-            if key not in options:
-                print(f"error: igpt.report: unknown key {key!r}; accepted keys: output, title", file=sys.stderr)
-                return 2
-            options[key] = value
-        else:
-            run_dirs.append(arg)
-    try:
-        out = report(run_dirs, options["output"], options["title"])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    """``python -m igpt.report <run_dir> ... [output=] [title=]``: run directories, then igpt's key=value options."""
+    from igpt.cli import parse, run
+    from igpt.errors import ConfigError
+
+    def _main(args: list[str]) -> int:
+        if not args:
+            print(__doc__)
+            return 2
+        run_dirs = [a for a in args if ("=" not in a or os.path.isdir(a)) and a not in ("-h", "--help")]
+        options = parse([a for a in args if a not in run_dirs], SPEC, "igpt.report", __doc__)
+        try:
+            print(report(run_dirs, options["output"], options["title"]))
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+        return 0
+
+    return run("igpt.report", _main, argv)
 
 
 if __name__ == "__main__":

@@ -111,43 +111,86 @@ def generate_ids(
         ids[i, t - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         real[i, t - len(p) :] = True
     ids, real = ids.to(device), real.to(device)
-    positions = (torch.cumsum(real, dim=-1) - 1).clamp(min=0)  # (B, T) per-row RoPE positions of the real tokens
-    lengths = real.sum(dim=-1)  # (B,) next position of each row
-
     generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(b)]
-    stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    was_training = model.training
-    model.eval()
+    stops = set(stop_ids)
     out: list[list[int]] = [[] for _ in range(b)]
     step_logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def pick(step: int, logits: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return sample_next(logits, temperature, top_k, top_p, generators), None
+
+    def collect(logits: torch.Tensor, nxt: torch.Tensor, live: torch.Tensor) -> None:
+        for i, (tok, alive) in enumerate(zip(nxt.tolist(), live.tolist())):
+            if not alive:
+                continue
+            if return_logits:
+                step_logits[i].append(logits[i].cpu())
+            if tok not in stops:
+                out[i].append(tok)
+                if stream is not None:
+                    stream(i, tok)
+
+    was_training = model.training
+    model.eval()
     try:
-        cache = KVCache.for_model(model, b, t + max_new_tokens)
-        logits = model(ids, position_ids=positions, kv_cache=cache, attention_mask=real, logits_to_keep=1)[:, -1]
-        for step in range(max_new_tokens):
-            logits = logits.float()  # (B, V)
-            nxt = sample_next(logits, temperature, top_k, top_p, generators)  # (B,)
-            is_stop = torch.isin(nxt, stop)
-            for i, (tok, st, finished) in enumerate(zip(nxt.tolist(), is_stop.tolist(), done.tolist())):
-                if finished:
-                    continue
-                if return_logits:
-                    step_logits[i].append(logits[i].cpu())
-                if not st:
-                    out[i].append(tok)
-                    if stream is not None:
-                        stream(i, tok)
-            done |= is_stop
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            pos = lengths[:, None].clone()  # (B, 1)
-            lengths += 1
-            logits = model(nxt[:, None], position_ids=pos, kv_cache=cache)[:, -1]  # (B, V)
+        decode(model, ids, real, max_new_tokens, pick, stop_ids, pad_id, check_every=1, on_step=collect)
     finally:
         model.train(was_training)
     if return_logits:
         return out, [torch.stack(s) if s else torch.empty(0, cfg.vocab_size) for s in step_logits]
     return out
+
+
+@torch.no_grad()
+def decode(
+    model: Transformer,
+    ids: torch.Tensor,
+    real: torch.Tensor,
+    max_new_tokens: int,
+    pick: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    check_every: int = 1,
+    on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> Rollout:
+    """The decoding loop both decoders share: left-padded prompts ``ids`` ``(B, T)`` (``real`` marks real tokens)
+    through a static KV cache allocated once, one token per row and step chosen by ``pick(step, logits)`` (the next
+    ids ``(B,)`` and, optionally, their log-probs), until every row has emitted a stop token (checked every
+    ``check_every`` steps: the only host synchronisation) or ``max_new_tokens``. A row that has stopped keeps
+    decoding padding (rows are independent), which the mask leaves out. ``on_step(logits, next, live)`` sees every
+    step. Returns the tokens, log-probs (0 without them), mask and ended flags, cut to the longest response."""
+    b, t = ids.shape
+    device = ids.device
+    positions = (torch.cumsum(real.long(), dim=-1) - 1).clamp(min=0)  # (B, T) per-row RoPE positions of real tokens
+    lengths = real.sum(dim=-1)  # (B,) next position of each row
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
+    mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    ended = torch.zeros(b, dtype=torch.bool, device=device)
+    cache = KVCache.for_model(model, b, t + max_new_tokens)
+    logits = model(ids, position_ids=positions, kv_cache=cache, attention_mask=real, logits_to_keep=1)[:, -1]
+    for step in range(max_new_tokens):
+        logits = logits.float()  # (B, V)
+        nxt, logp = pick(step, logits)
+        live = ~done
+        if on_step is not None:
+            on_step(logits, nxt, live)
+        tokens[:, step] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+        if logp is not None:
+            logprobs[:, step] = torch.where(live, logp, torch.zeros_like(logp))
+        mask[:, step] = live
+        is_stop = torch.isin(nxt, stop) & live
+        ended |= is_stop
+        done |= is_stop
+        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
+            break
+        pos = lengths[:, None].clone()  # (B, 1)
+        lengths += 1
+        logits = model(tokens[:, step : step + 1], position_ids=pos, kv_cache=cache)[:, -1]  # (B, V)
+    n = int(mask.sum(dim=0).nonzero().max()) + 1 if mask.any() else 1
+    return Rollout(tokens[:, :n], logprobs[:, :n], mask[:, :n], ended)
 
 
 # ----------------------------------------------------------------------------------------------------------- rollouts
@@ -211,23 +254,12 @@ def sample_rollout(
     steps, whether every row has stopped. ``temperature=0`` is greedy. ``logprobs`` are under ``softmax(logits / T)``
     before top-k/top-p filtering: the distribution a trainer's forward at the same temperature computes.
     """
-    b, t = ids.shape
-    device = ids.device
+    t = ids.shape[1]
     max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - t)
     if max_new_tokens < 1:
         raise ValueError(f"prompts of {t} tokens leave no room to generate within max_seq_len {model.cfg.max_seq_len}")
-    positions = (torch.cumsum(real.long(), dim=-1) - 1).clamp(min=0)  # (B, T)
-    lengths = real.sum(dim=-1)  # (B,) next position of each row
-    stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
-    mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    ended = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = KVCache.for_model(model, b, t + max_new_tokens)
-    logits = model(ids, position_ids=positions, kv_cache=cache, attention_mask=real, logits_to_keep=1)[:, -1]
-    for step in range(max_new_tokens):
-        logits = logits.float()  # (B, V)
+
+    def pick(step: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if temperature <= 0:
             nxt = logits.argmax(dim=-1)
             logp = torch.log_softmax(logits, dim=-1)
@@ -235,20 +267,9 @@ def sample_rollout(
             scaled = logits / temperature
             logp = torch.log_softmax(scaled, dim=-1)
             nxt = (filter_logits(scaled, top_k, top_p) + gumbel_noise(seeds, step, logits.shape[-1])).argmax(dim=-1)
-        live = ~done
-        tokens[:, step] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
-        logprobs[:, step] = torch.where(live, logp.gather(-1, nxt[:, None]).squeeze(-1), torch.zeros_like(logp[:, 0]))
-        mask[:, step] = live
-        is_stop = torch.isin(nxt, stop) & live
-        ended |= is_stop
-        done |= is_stop
-        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
-            break
-        pos = lengths[:, None].clone()  # (B, 1)
-        lengths += 1
-        logits = model(tokens[:, step : step + 1], position_ids=pos, kv_cache=cache)[:, -1]  # (B, V)
-    n = int(mask.sum(dim=0).nonzero().max()) + 1 if mask.any() else 1
-    return Rollout(tokens[:, :n], logprobs[:, :n], mask[:, :n], ended)
+        return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
+
+    return decode(model, ids, real, max_new_tokens, pick, stop_ids, pad_id, check_every)
 
 
 # ----------------------------------------------------------------------------------------------------------- text API

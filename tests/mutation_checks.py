@@ -1,7 +1,8 @@
 """Mutation checks for the tests that guard a mechanism: resume, the NaN guard, bf16, masked eval batches, checkpoint
 fallback, tied embeddings, (M7-M25) the RL and preference maths and their wiring, (M26-M32) the install and
-entry-point rules, (M33-M43) safe loading, checksums, the run lock and refusals. Each mutation disables one mechanism
-in a scratch clone of this repository, runs the tests that guard it and prints which fail. Every listed test should
+entry-point rules, (M33-M43) safe loading, checksums, the run lock and refusals, (M50-M52) the one-way core. Each
+mutation disables one mechanism in a scratch clone of this repository, runs the tests that guard it and prints which
+fail. Every listed test should
 FAIL under its mutation (M3b is the exception: it shows why the bf16 test asserts the compute dtype) and pass without
 it. Not collected by pytest (and not part of ``make test``); run by hand:
 
@@ -49,7 +50,7 @@ MUTATIONS = [
        '    assert ref[1]["compute_dtype"] == got[1]["compute_dtype"] == "bfloat16"\n', "")],
      ["tests/test_strategies.py::test_bf16_two_ranks_close_to_one_process[fsdp]"]),
     ("M4 a rank out of val data evaluates its last batch again instead of a masked copy",
-     [("igpt/trainer.py", "batch = stage.masked(last if last is not None else loader.padding_batch())",
+     [("igpt/stages/context.py", "batch = stage.masked(last if last is not None else loader.padding_batch())",
        "batch = last if last is not None else stage.masked(loader.padding_batch())")],
      ["tests/test_strategies.py::test_two_ranks_match_one_process[fsdp]"]),
     ("M5 checkpoint fallback removed (a broken newest checkpoint restarts the run)",
@@ -90,14 +91,14 @@ MUTATIONS = [
        "temp = 1.0")],
      ["tests/test_ppo.py::test_first_minibatch_ratio_is_one"]),
     ("M13 missing-EOS penalty on the responses that ended",
-     [("igpt/stages/ppo.py", "cfg.reward.missing_eos_penalty * (~ro.ended).float()",
-       "cfg.reward.missing_eos_penalty * ro.ended.float()")],
+     [("igpt/stages/ppo.py", "cfg.reward.missing_eos_penalty * (~ro.sampled.ended).float()",
+       "cfg.reward.missing_eos_penalty * ro.sampled.ended.float()")],
      ["tests/test_ppo.py::test_missing_eos_penalty_lands_only_on_truncated_responses"]),
     ("M13b the rollout's ended flag set on every live row",
      [("igpt/sampling.py", "        ended |= is_stop", "        ended |= live")],
      ["tests/test_ppo.py::test_missing_eos_penalty_lands_only_on_truncated_responses"]),
     ("M14 PPO-ptx dropped from the gradient (its loss still logged)",
-     [("igpt/stages/ppo.py", "actor.backward(cfg.ptx.coef * ptx * ptx_scale)", "actor.backward(0.0 * ptx)")],
+     [("igpt/stages/ppo.py", "return cfg.ptx.coef * ptx * ptx_scale", "return 0.0 * ptx")],
      ["tests/test_ppo.py::test_ptx_gradient_is_coef_times_the_pretraining_loss_gradient"]),
     ("M15 KL controller moves the wrong way",
      [("igpt/stages/ppo_math.py", "error = min(max(kl / self.target - 1.0, -0.2), 0.2)",
@@ -122,18 +123,18 @@ MUTATIONS = [
      [("igpt/model/outputs.py", 'out["entropy"][idx] = -(p * logp).sum(-1)', 'out["entropy"][idx] = -logp.mean(-1)')],
      ["tests/test_ppo.py::test_token_stats_exact_kl_and_entropy_equal_torch_distributions"]),
     ("M19 reward model's normalisation offset not applied on the PPO path",
-     [("igpt/trainer.py", "model.value_offset = -source.reward_mean", "model.value_offset = 0.0")],
+     [("igpt/build.py", "model.value_offset = -source.reward_mean", "model.value_offset = 0.0")],
      ["tests/test_ppo.py::test_reward_model_score_on_the_ppo_path_is_normalised_and_read_at_the_last_token"]),
     ("M19b reward model score read one token early",
      [("igpt/stages/rm.py", "values.gather(1, last_real_index(real)[:, None])",
        "values.gather(1, (last_real_index(real) - 1)[:, None])")],
      ["tests/test_ppo.py::test_reward_model_score_on_the_ppo_path_is_normalised_and_read_at_the_last_token"]),
     ("M20 LR warmup off by one at its boundary",
-     [("igpt/trainer.py", "    if step < cfg.warmup_steps:", "    if step <= cfg.warmup_steps:")],
+     [("igpt/schedule.py", "    if step < cfg.warmup_steps:", "    if step <= cfg.warmup_steps:")],
      ["tests/test_trainer.py::test_lr_warmup_reaches_the_peak_exactly_at_its_last_step"]),
     ("M21 gradient accumulation weighs micro-batches equally, not by their loss units",
-     [("igpt/trainer.py", "model.backward(out.loss_sum * scale)",
-       "model.backward(out.loss_sum / max(float(out.tokens), 1.0) / self.accum)")],
+     [("igpt/stages/base.py", "            return out.loss_sum * scale",
+       "            return out.loss_sum / max(float(out.tokens), 1.0) / ctx.accum")],
      ["tests/test_trainer.py::test_accumulated_micro_batches_equal_one_batch_on_variable_length_data[sft]"]),
     ("M22 SimPO's target margin with the wrong sign",
      [("igpt/stages/dpo.py", "x = beta * (chosen_avg - rejected_avg) - gamma",
@@ -166,7 +167,7 @@ MUTATIONS = [
      [("igpt/lm_eval.py", 'if not any(a == "--device"', 'if False and not any(a == "--device"')],
      ["tests/test_lm_eval.py::test_cli_registers_model_and_hands_over_to_lm_eval"]),
     ("M30 a new model keeps model='s vocabulary when the data's tokenizer has more tokens",
-     [("igpt/trainer.py", "return replace(self.cfg.model, vocab_size=max(self.cfg.model.vocab_size, self.vocab_size))",
+     [("igpt/build.py", "return replace(self.cfg.model, vocab_size=max(self.cfg.model.vocab_size, vocab))",
        "return self.cfg.model")],
      ["tests/test_docs.py::test_runnable_doc_blocks_run_as_written"]),
     ("M31 a missing optional package is a traceback, not a line naming the extra",
@@ -196,11 +197,11 @@ MUTATIONS += [
      [("igpt/runlock.py", "        me = self.me\n", "        return None\n        me = self.me\n")],
      [T15 + "test_stale_locks_are_taken_over_and_released"]),
     ("M38 resume ignores a changed model architecture",
-     [("igpt/trainer.py", "        if diffs:\n", "        if False:\n")],
+     [("igpt/build.py", "        if diffs:\n", "        if False:\n")],
      [T15 + "test_resume_refuses_another_model_stage_or_tokenizer"]),
     ("M39 init_from accepts data of another tokenizer",
-     [("igpt/trainer.py", "        why = tokenizer_conflict(self.tokenizer_path, theirs)\n        if why is None:",
-       "        why = tokenizer_conflict(self.tokenizer_path, theirs)\n        if True:")],
+     [("igpt/build.py", "        why = tokenizer_conflict(self.data.tokenizer_path, theirs)\n        if why is None:",
+       "        why = tokenizer_conflict(self.data.tokenizer_path, theirs)\n        if True:")],
      [T15 + "test_init_from_with_another_tokenizer_fails_unless_allowed"]),
     ("M40 prepare keeps chosen == rejected pairs",
      [("igpt/data/prepare.py", "_DROPPED_SAME if _same_responses(rec) else self._pref(rec)", "self._pref(rec)")],
@@ -218,6 +219,25 @@ MUTATIONS += [
      [T15 + "test_zero_sizes_are_config_errors"]),
 ]
 
+
+# ---- a core that reads one way (P16): the layering, the stage contract and the configuration as a value
+TL = "tests/test_layers.py::"
+MUTATIONS += [
+    ("M50 a stage imports the trainer for its type hints (the two-way contract back)",
+     [("igpt/stages/base.py", "    from igpt.parallel.base import Wrapped\n",
+       "    from igpt.parallel.base import Wrapped\n    from igpt.trainer import Trainer  # noqa: F401\n")],
+     [TL + "test_stages_never_reach_the_trainer"]),
+    ("M51 a library module imports the loop (an import pointing up, and a cycle)",
+     [("igpt/checkpoint.py", "    from igpt.data.chat import FORMAT_FILES\n\n    shutil.copyfile(",
+       "    from igpt.data.chat import FORMAT_FILES\n    from igpt.trainer import Trainer  # noqa: F401\n\n"
+       "    shutil.copyfile(")],
+     [TL + "test_every_import_points_down_the_layers", TL + "test_no_import_cycle"]),
+    ("M52 the resolved architecture written back into the run's config",
+     [("igpt/trainer.py", "        ctx.model_cfg, self.hf_config = resolved.model, resolved.hf_config\n",
+       "        ctx.model_cfg, self.hf_config = resolved.model, resolved.hf_config\n"
+       "        cfg.model = resolved.model\n")],
+     ["tests/test_trainer.py::test_sft_from_pretrained_checkpoint"]),
+]
 
 def patch(repo: str, path: str, old: str | None, new: str) -> None:
     full = os.path.join(repo, path)

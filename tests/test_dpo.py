@@ -280,7 +280,7 @@ def test_reference_free_losses_build_no_reference(prepared_pref_dir, tmp_path):
     try:
         assert set(trainer.models) == {"policy"}
         out = trainer.train_step(next(iter(trainer.train_loader)))
-        assert math.isfinite(out["loss"])
+        assert math.isfinite(out.loss)
     finally:
         trainer.close()
     with pytest.raises(ConfigError, match="dpo.precompute_reference is set, but dpo.loss=orpo uses no reference"):

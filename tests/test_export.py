@@ -106,7 +106,7 @@ def test_hf_tokenizer_and_chat_template(tmp_path, tokenizer_file):
 @pytest.mark.integration
 def test_hf_generate_matches_igpt_greedy(tmp_path, tokenizer_file):
     """A base model continues a plain ``tokenizer(prompt)`` in transformers as igpt continues the prompt."""
-    from igpt.generate import generate, generate_ids
+    from igpt.sampling import generate, generate_ids
 
     model = random_model(True, seed=4)
     with torch.no_grad():

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, TINY
+from tests.faults import fault_env
 from tests.trainutil import read_metrics, train
 
 MAX_STEPS = 24
@@ -51,8 +52,10 @@ def overrides(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "IGPT_FAULT_"))}
     # One intra-op thread: the same reduction order in every run (bit-identical losses) and no CPU oversubscription.
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", **extra)
-    return env
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    faults = {k: v for k, v in extra.items() if k.startswith("IGPT_FAULT_")}
+    env.update({k: v for k, v in extra.items() if k not in faults})
+    return fault_env(env, **faults) if faults else env  # test-only fault injection (tests/faults.py)
 
 
 class Run:

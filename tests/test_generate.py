@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from igpt.config import ModelConfig
 from igpt.data.chat import encode_chat
 from igpt.data.tokenizer import load_tokenizer
-from igpt.generate import filter_logits, generate, generate_ids, load_checkpoint, main
+from igpt.generate import load_checkpoint, main
 from igpt.model import Transformer
+from igpt.sampling import filter_logits, generate, generate_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)

@@ -1,4 +1,5 @@
-"""The package's imports run one way: no cycle, the data layer never reaches the model, the loop never a CLI.
+"""The package's imports run one way: no cycle, the data layer never reaches the model, the loop never a CLI, and a
+stage never reaches the trainer or the model builder (it sees the run through ``igpt.stages.context.RunContext``).
 
 The test reads the source (``ast``) rather than importing it, so it sees imports inside functions too: an import
 deferred into a function still couples the two modules, it only hides the cycle from the interpreter.
@@ -14,6 +15,20 @@ CLI = {"igpt.generate", "igpt.chat", "igpt.export", "igpt.eval.__main__", "igpt.
        "igpt.report", "igpt.train"}
 # The model layer, which the data layer must never reach.
 MODEL = ("igpt.model", "igpt.kernels")
+# The layers, bottom (0) to top; a module may import its own layer and those below (docs/internals.md draws them).
+# A name stands for the module and everything under it; the longest match wins.
+LAYERS = {
+    0: ("igpt", "igpt.config", "igpt.registry", "igpt.errors", "igpt.cli", "igpt.precision", "igpt.devices",
+        "igpt.shards", "igpt.checksum", "igpt.safe_load", "igpt.runlock", "igpt.schedule", "igpt.stages",
+        "igpt.data.kinds", "igpt.data.jsonfile"),  # the stage table and the data-kind table are leaf tables
+    1: ("igpt.data",),
+    2: ("igpt.model", "igpt.kernels"),
+    3: ("igpt.hub", "igpt.checkpoint", "igpt.parallel", "igpt.sampling", "igpt.metrics"),
+    4: ("igpt.stages.base", "igpt.stages.context", "igpt.stages.pretrain", "igpt.stages.sft", "igpt.stages.rm",
+        "igpt.stages.dpo", "igpt.stages.ppo", "igpt.stages.ppo_math", "igpt.stages.pref", "igpt.eval"),
+    5: ("igpt.trainer", "igpt.build"),
+    6: tuple(sorted(CLI)),
+}
 
 
 def _module_name(path):
@@ -125,6 +140,35 @@ def test_loop_never_imports_a_cli_module():
     graph = _graph()
     bad = [" -> ".join(_path(graph, "igpt.trainer", hit)) for hit in sorted(_reach(graph, "igpt.trainer") & CLI)]
     assert not bad, "the training loop reaches a command-line module:\n" + "\n".join(bad)
+
+
+def _layer(mod):
+    best = max((name for names in LAYERS.values() for name in names if mod == name or mod.startswith(name + ".")),
+               key=len, default=None)
+    return next(level for level, names in LAYERS.items() if best in names) if best else None
+
+
+def test_every_import_points_down_the_layers():
+    graph, modules = _graph(), _modules()
+    # a package whose __init__ imports nothing (igpt.data) costs nothing to pass through: it has no layer
+    empty = {mod for mod, path in modules.items() if path.name == "__init__.py" and not graph[mod]}
+    unplaced = sorted(mod for mod in graph if _layer(mod) is None)
+    up = [f"{mod} (layer {_layer(mod)}) -> {dep} (layer {_layer(dep)})" for mod in sorted(graph)
+          for dep in sorted(graph[mod] - empty) if _layer(dep) is not None and _layer(mod) is not None
+          and _layer(dep) > _layer(mod)]
+    assert not unplaced, f"modules in no layer (add them to LAYERS): {unplaced}"
+    assert not up, "imports pointing up the layers:\n" + "\n".join(up)
+
+
+def test_stages_never_reach_the_trainer():
+    """Stages receive a run context; the trainer and the builder call into them, never the other way (not even for
+    type hints: a ``TYPE_CHECKING`` import of the trainer would be the old two-way contract in disguise)."""
+    graph = _graph()
+    loop = ("igpt.trainer", "igpt.build", "igpt.train")
+    bad = [" -> ".join(_path(graph, mod, hit)) for mod in sorted(graph) if mod.startswith("igpt.stages")
+           for hit in sorted(_reach(graph, mod)) if hit in loop]
+    hints = [str(p) for p in (ROOT / "stages").glob("*.py") if "igpt.trainer" in p.read_text()]
+    assert not bad and not hints, "a stage reaches the loop:\n" + "\n".join(bad + hints)
 
 
 def test_the_walk_sees_function_level_imports(tmp_path):

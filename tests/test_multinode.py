@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from tests.conftest import REPO, TINY
+from tests.faults import fault_env
 from tests.trainutil import read_metrics, train_steps
 
 pytestmark = pytest.mark.dist
@@ -77,7 +78,9 @@ def _two_node_run(two_nodes, args: list[str], port: int, env: dict, env_b: dict 
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={addr_a}:{port}",
                f"--rdzv_conf=is_host={host}", f"--local_addr={addr}", f"--rdzv_id=igpt-{ns_a}-{port}",
                "igpt/train.py", *args]
-        agents.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "GLOO_SOCKET_IFNAME": dev, **extra},
+        node_env = {**env, "GLOO_SOCKET_IFNAME": dev}
+        node_env = fault_env(node_env, **extra) if extra else node_env  # test-only fault injection (tests/faults.py)
+        agents.append(subprocess.Popen(cmd, cwd=REPO, env=node_env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     for agent in agents:

@@ -1,8 +1,8 @@
 """A non-finite loss skips its update on every strategy: weights and optimizer state stay exactly as they were,
 training goes on, and the count of bad steps in a row starts again after a good step.
 
-``IGPT_FAULT_NAN_STEPS=3,5`` makes rank 0's first micro-batch of steps 3 and 5 return a NaN loss (the trainer's fault
-injection), which turns every rank's gradients non-finite through the gradient reduction. With
+``IGPT_FAULT_NAN_STEPS=3,5`` makes rank 0's first micro-batch of steps 3 and 5 return a NaN loss (the tests' fault
+injection, tests/faults.py), which turns every rank's gradients non-finite through the gradient reduction. With
 ``trainer.max_bad_steps=2`` the run would stop at step 5 if the count of bad steps in a row were not reset by step 4.
 A checkpoint after every step lets each skipped step be compared with the one before it.
 """
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from igpt.checkpoint import read_dcp, read_model_state
+from tests.faults import install
 from tests.test_strategies import ckpt, overrides, torchrun
 from tests.trainutil import read_metrics, train
 
@@ -60,8 +61,7 @@ def test_non_finite_step_changes_nothing_and_training_goes_on(prepared_text_dir,
     args = overrides(prepared_text_dir, run, f"strategy={strategy}", f"trainer.max_steps={STEPS}",
                      "trainer.ckpt_every=1", "trainer.keep_last=0", "trainer.max_bad_steps=2")
     if strategy == "single":
-        for key, value in NAN.items():
-            monkeypatch.setenv(key, value)
+        install(nan_steps=NAN["IGPT_FAULT_NAN_STEPS"], monkeypatch=monkeypatch)
         train(args)
     else:
         torchrun(args, **NAN)

@@ -114,9 +114,9 @@ def test_clipped_policy_loss_dual_clip_and_clip_high():
 
 
 def ppo_stage(n: int = 4, **ppo):
-    """A PPO stage on its own, with a one-process trainer stand-in (global sums are local sums)."""
+    """A PPO stage on its own, with a one-process run-context stand-in (global sums are local sums)."""
     stage = build_stage(Config(stage=StageConfig(name="ppo"), ppo=PPOConfig(**ppo), rollout=RolloutConfig(n=n)))
-    stage.trainer = SimpleNamespace(global_sum=lambda xs: [float(x) for x in xs])
+    stage.ctx = SimpleNamespace(global_sum=lambda xs: [float(x) for x in xs])
     return stage
 
 
@@ -324,7 +324,7 @@ def test_first_minibatch_ratio_is_one(prepared_prompt_dir, tmp_path, monkeypatch
         assert (first.ratio - 1).abs().max() < 2e-6 and not first.clipped.any()
     # after the first optimizer step they have moved, far beyond that rounding (measured: 0.05)
     assert max((s.ratio - 1).abs().max().item() for s in seen[2:]) > 1e-3
-    assert out["rollout/logprob_gap"] < 1e-5
+    assert out.metrics["rollout/logprob_gap"] < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------- the bandit
@@ -526,7 +526,7 @@ def test_ptx_gradient_is_coef_times_the_pretraining_loss_gradient(prepared_promp
         out = trainer.train_step(next(iter(trainer.train_loader)))
     finally:
         trainer.close()
-    assert out["loss/policy"] == 0.0 and out["loss/ptx"] > 0
+    assert out.metrics["loss/policy"] == 0.0 and out.metrics["loss/ptx"] > 0
     b = seen["batch"]
     start.train()
     loss = start(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]) / (b["labels"] != -100).sum()
@@ -559,7 +559,7 @@ def test_reward_model_score_on_the_ppo_path_is_normalised_and_read_at_the_last_t
         batch = next(iter(trainer.train_loader))
         prompts, preal = stage._prompts(batch)
         ro = sample_rollout(trainer.models["policy"].module, prompts, preal, 8, row_seeds(0, 0, torch.arange(4)), 1.0,
-                            stop_ids=trainer.stop_ids, pad_id=trainer.pad_id)
+                            stop_ids=trainer.ctx.stop_ids, pad_id=trainer.ctx.pad_id)
         ids, real = torch.cat([prompts, ro.tokens], 1), torch.cat([preal, ro.mask], 1)
         got, _ = stage.score(ids, real, prompts.shape[1], ro.tokens, ro.mask, [0] * 4, "train")
     finally:
@@ -585,7 +585,7 @@ def test_missing_eos_penalty_lands_only_on_truncated_responses(prepared_prompt_d
         with torch.no_grad():  # make the end of turn likely (about one token in six) so both kinds of response occur
             w = actor.module.lm_head.weight
             noise = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(1))
-            w[trainer.stop_ids[0]] = w[trainer.stop_ids[0]] + 0.6 * noise
+            w[trainer.ctx.stop_ids[0]] = w[trainer.ctx.stop_ids[0]] + 0.6 * noise
         seen: dict = {}
         rollout, score, advantages = igpt.sampling.sample_rollout, stage.score, stage.advantages
 
@@ -605,7 +605,7 @@ def test_missing_eos_penalty_lands_only_on_truncated_responses(prepared_prompt_d
         monkeypatch.setattr(stage, "score", spy_score)
         monkeypatch.setattr(stage, "advantages", spy_advantages)
         out = trainer.train_step(next(iter(trainer.train_loader)))
-        stops = set(trainer.stop_ids)
+        stops = set(trainer.ctx.stop_ids)
     finally:
         trainer.close()
     ro = seen["ro"]
@@ -615,4 +615,4 @@ def test_missing_eos_penalty_lands_only_on_truncated_responses(prepared_prompt_d
     assert (ro.mask[~ended].sum(1) == 8).all()  # the others used the whole budget
     want = seen["scores"] - penalty * (~ended).float()
     assert torch.equal(seen["penalised"], want)
-    assert out["response_length/clip_ratio"] == pytest.approx(float((~ended).float().mean()))
+    assert out.metrics["response_length/clip_ratio"] == pytest.approx(float((~ended).float().mean()))

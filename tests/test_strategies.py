@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from igpt.checkpoint import read_meta, read_model_state
 from tests.conftest import REPO, TINY
+from tests.faults import fault_env
 from tests.trainutil import read_metrics, train, train_steps
 
 pytestmark = pytest.mark.dist
@@ -45,7 +46,10 @@ def overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
 
 def torchrun(args: list[str], nproc: int = 2, **env_extra: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "igpt/train.py"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    faults = {k: v for k, v in env_extra.items() if k.startswith("IGPT_FAULT_")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: v for k, v in env_extra.items() if k not in faults}}
+    if faults:  # test-only fault injection (tests/faults.py)
+        env = fault_env(env, **faults)
     proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
@@ -214,7 +218,8 @@ def test_fsdp_checkpoint_generates_and_exports_in_one_process(runs, tmp_path):
     """The sharded (DCP) checkpoint of a 2-rank FSDP run loads without a process group for generate and export."""
     from safetensors.torch import load_file
 
-    from igpt.generate import generate, load_checkpoint
+    from igpt.generate import load_checkpoint
+    from igpt.sampling import generate
 
     path = ckpt(runs("fsdp"), STEPS)
     weights = read_model_state(path)

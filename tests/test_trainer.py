@@ -11,9 +11,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 
-from igpt.config import OptimConfig
-from igpt.trainer import lr_at
+from igpt.config import OptimConfig, validate
+from igpt.schedule import lr_at
+from igpt.stages.context import StepResult
 from tests.conftest import REPO, TINY
 from tests.trainutil import compose_config, make_trainer, read_metrics, train, train_and_stop, train_steps
 
@@ -307,6 +309,17 @@ def test_sft_from_pretrained_checkpoint(prepared_text_dir, prepared_sft_dir, tmp
     assert meta["stage"] == "sft"
     with pytest.raises(ValueError, match="model.dim"):
         make_trainer([*overrides[:-1], "model.dim=96", "model.n_heads=4", f"run_dir={tmp_path / 'bad'}"])
+    # without model.* keys the model is the source's (dim 64), and the run's config stays the config given (the tiny
+    # defaults): the resolved architecture is a value, written to config.yaml and the checkpoints, never into cfg
+    plain = [o for o in overrides if not o.startswith("model.")] + [f"run_dir={tmp_path / 'plain'}"]
+    trainer = make_trainer(plain)
+    try:
+        assert trainer.ctx.model_cfg.dim == 64 and trainer.models["policy"].module.cfg.dim == 64
+        assert trainer.cfg.model.dim == 128 and trainer.cfg.model == validate(compose_config(plain)).model
+        written = yaml.safe_load(open(tmp_path / "plain" / "config.yaml"))
+        assert written["model"]["dim"] == 64
+    finally:
+        trainer.close()
 
 
 def test_activation_checkpointing_same_losses_and_plain_checkpoint(prepared_text_dir, tmp_path):
@@ -404,7 +417,7 @@ def test_skip_corrupt_shards_through_the_trainer(prepared_text_dir, tmp_path):
     assert metrics[40]["skipped_shards"] == 1 and metrics[1]["skipped_shards"] in (0, 1)
 
 
-def _one_step_grads(overrides: list[str]) -> tuple[torch.Tensor, dict, list[int]]:
+def _one_step_grads(overrides: list[str]) -> tuple[torch.Tensor, StepResult, list[int]]:
     """The flattened gradient of the first optimizer step, its metrics, and the loss units of each micro-batch."""
     trainer = make_trainer(overrides)
     try:
@@ -418,7 +431,7 @@ def _one_step_grads(overrides: list[str]) -> tuple[torch.Tensor, dict, list[int]
 
         model.clip_and_step = spy
         batch = next(iter(trainer.train_loader))
-        counts = [int(trainer.stage.count(mb)) for mb in trainer.micro_batches(batch)]
+        counts = [int(trainer.stage.count(mb)) for mb in trainer.ctx.micro_batches(batch)]
         out = trainer.train_step(batch)
     finally:
         trainer.close()
@@ -445,6 +458,6 @@ def test_accumulated_micro_batches_equal_one_batch_on_variable_length_data(prepa
     assert len(counts1) == 1 and len(counts4) == 4 and sum(counts4) == counts1[0]
     if stage == "sft":
         assert len(set(counts4)) > 1, counts4  # unequal micro-batches: equal weights would differ
-    assert out4["loss"] == pytest.approx(out1["loss"], rel=1e-6)
+    assert out4.loss == pytest.approx(out1.loss, rel=1e-6)
     assert torch.allclose(g4, g1, rtol=1e-4, atol=1e-7)
     assert float(g1.abs().max()) > 1e-4

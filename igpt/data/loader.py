@@ -320,10 +320,6 @@ class ShardLoader:
 
     # ------------------------------------------------------------------ info
     @property
-    def tokens_per_row(self) -> int:
-        return self.seq_len
-
-    @property
     def epoch(self) -> int:
         """The lowest epoch among this rank's partitions (each partition counts its own epochs)."""
         return min(s["epoch"] for s in self._states.values())

@@ -29,6 +29,7 @@ import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -96,8 +97,8 @@ def _pad_id(index: dict, tok_path: str) -> int:
     return 0
 
 
-def read_index(data_dir: str, split: str) -> SplitIndex:
-    """Read ``<data_dir>/index.json`` (schema in docs/internals.md) and return the given split."""
+def read_index_json(data_dir: str) -> dict[str, Any]:
+    """``<data_dir>/index.json`` as a dict; a missing, unreadable or non-object file is one error naming it."""
     path = os.path.join(data_dir, "index.json")
     if not os.path.exists(path):
         raise MissingPathError(f"{path} does not exist: prepare the data first (python -m igpt.data.prepare ...)")
@@ -108,6 +109,13 @@ def read_index(data_dir: str, split: str) -> SplitIndex:
         raise DataError(f"{path}: not valid JSON ({e}); prepare the data again (python -m igpt.data.prepare)") from None
     if not isinstance(index, dict):
         raise DataError(f"{path}: expected a JSON object (igpt's index), found {type(index).__name__}")
+    return index
+
+
+def read_index(data_dir: str, split: str) -> SplitIndex:
+    """Read ``<data_dir>/index.json`` (schema in docs/internals.md) and return the given split."""
+    path = os.path.join(data_dir, "index.json")
+    index = read_index_json(data_dir)
     if index.get("version") != INDEX_VERSION:
         raise DataError(f"{path}: version {index.get('version')!r}, this loader reads version {INDEX_VERSION}")
     kind = index.get("kind")

@@ -53,12 +53,6 @@ def _write_jsonl(records: Sequence[dict[str, Any]], out: str) -> None:
     os.replace(tmp, out)
 
 
-def word_score(text: str) -> int:
-    """Good words minus bad words in ``text`` (the synthetic preference's rule)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return sum(w in GOOD for w in words) - sum(w in BAD for w in words)
-
-
 def good_word_reward(prompts: list[Any], completions: list[str], **fields: Any) -> list[float]:
     """A programmatic reward in TRL's batched form: 1 for a completion with a good word and no bad one, -1 for one
     with a bad word, 0 otherwise (repeating good words earns nothing more)."""

@@ -495,52 +495,13 @@ def prepare(
     spool = _Spool(os.path.join(tmp, "spool.bin"), KIND_FIELDS[kind])
     try:
         tasks = _tasks(kind, files, encoding, separator, strip_gutenberg, chunk_bytes, text_field)
-        total = sum(_input_size(f) for f in files)
-        results = _map_ordered(tasks, workers, init_args)
-        truncated = dropped = 0
-        filtered = {_DROPPED_EMPTY[3]: 0, _DROPPED_SAME[3]: 0}
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=not progress)
-        with bar, closing(results):  # closing: an interrupt here still shuts the worker pool down
-            for result, size in results:
-                for arrays, tokens, nbytes, status in result:
-                    truncated += status == "truncated"
-                    dropped += status == "dropped"
-                    if status in filtered:
-                        filtered[status] += 1
-                    elif status != "dropped":
-                        spool.add(arrays, tokens, nbytes)
-                bar.update(min(size, total - bar.n))
-            bar.update(total - bar.n)
-        spool.seal()
-        if truncated or dropped:
-            warnings.warn(
-                f"{truncated + dropped} sequence(s) were longer than seq_len + 1 = {(seq_len or 0) + 1} tokens: "
-                f"{truncated} truncated (start kept), {dropped} dropped because no response token was left to learn",
-                stacklevel=2,
-            )
-        if any(filtered.values()):
-            warnings.warn(
-                f"dropped {filtered['empty_prompt']} record(s) with an empty prompt and "
-                f"{filtered['identical_responses']} preference record(s) whose chosen and rejected responses are "
-                f"identical (nothing to learn from them)", stacklevel=2,
-            )
+        filtered = _tokenize_into(spool, tasks, sum(_input_size(f) for f in files), workers, init_args, kind, seq_len,
+                                  progress)
         if not len(spool):
             raise DataError(
                 f"input {input!r}: no {'text' if kind == 'text' else 'records'} found in {len(files)} file(s)"
             )
-
-        val = choose_val(spool.nbytes, val_fraction, seed)
-        if val_fraction > 0 and not val.any():
-            warnings.warn(
-                f"val_fraction={val_fraction} but only one sample exists: the val split is empty", stacklevel=2
-            )
-        rng = np.random.default_rng(seed + 1)
-        orders = {"train": rng.permutation(np.flatnonzero(~val)), "val": rng.permutation(np.flatnonzero(val))}
-        splits = {
-            name: _write_split(tmp, name, spool, order, shard_tokens, progress) for name, order in orders.items()
-        }
-        spool.close()
-        os.remove(spool.path)
+        splits = _write_splits(tmp, spool, val_fraction, seed, shard_tokens, progress)
         fmt.save(tmp)
         tok_file = os.path.join(tmp, "tokenizer.json")
         index = {
@@ -557,18 +518,73 @@ def prepare(
         with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
-        if os.path.exists(output_dir):  # overwrite=True: move the old one aside, then swap
-            old = os.path.join(parent, f".{os.path.basename(output_dir)}.old-{os.getpid()}")
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output_dir)
+        _swap_into(tmp, output_dir)
     except BaseException:
         spool.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return index
+
+
+def _tokenize_into(spool: _Spool, tasks, total: int, workers: int, init_args: tuple, kind: str, seq_len: int | None,
+                   progress: bool) -> dict[str, int]:
+    """Tokenize ``tasks`` on ``workers`` processes into ``spool`` (in input order), with a progress bar over the
+    input's ``total`` bytes; warn about what was cut or dropped; return the counts of filtered records."""
+    results = _map_ordered(tasks, workers, init_args)
+    truncated = dropped = 0
+    filtered = {_DROPPED_EMPTY[3]: 0, _DROPPED_SAME[3]: 0}
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=not progress)
+    with bar, closing(results):  # closing: an interrupt here still shuts the worker pool down
+        for result, size in results:
+            for arrays, tokens, nbytes, status in result:
+                truncated += status == "truncated"
+                dropped += status == "dropped"
+                if status in filtered:
+                    filtered[status] += 1
+                elif status != "dropped":
+                    spool.add(arrays, tokens, nbytes)
+            bar.update(min(size, total - bar.n))
+        bar.update(total - bar.n)
+    spool.seal()
+    if truncated or dropped:
+        warnings.warn(
+            f"{truncated + dropped} sequence(s) were longer than seq_len + 1 = {(seq_len or 0) + 1} tokens: "
+            f"{truncated} truncated (start kept), {dropped} dropped because no response token was left to learn",
+            stacklevel=3,
+        )
+    if any(filtered.values()):
+        warnings.warn(
+            f"dropped {filtered['empty_prompt']} record(s) with an empty prompt and "
+            f"{filtered['identical_responses']} preference record(s) whose chosen and rejected responses are "
+            f"identical (nothing to learn from them)", stacklevel=3,
+        )
+    return filtered
+
+
+def _write_splits(tmp: str, spool: _Spool, val_fraction: float, seed: int, shard_tokens: int,
+                  progress: bool) -> dict[str, Any]:
+    """Choose the val samples, shuffle both splits (seeded) and write their shards from the spool (then removed)."""
+    val = choose_val(spool.nbytes, val_fraction, seed)
+    if val_fraction > 0 and not val.any():
+        warnings.warn(f"val_fraction={val_fraction} but only one sample exists: the val split is empty", stacklevel=3)
+    rng = np.random.default_rng(seed + 1)
+    orders = {"train": rng.permutation(np.flatnonzero(~val)), "val": rng.permutation(np.flatnonzero(val))}
+    splits = {name: _write_split(tmp, name, spool, order, shard_tokens, progress) for name, order in orders.items()}
+    spool.close()
+    os.remove(spool.path)
+    return splits
+
+
+def _swap_into(tmp: str, output_dir: str) -> None:
+    """Make the finished ``tmp`` folder ``output_dir``; an existing one (``overwrite=true``) is moved aside first and
+    deleted only once the new one is in place."""
+    if os.path.exists(output_dir):
+        old = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.old-{os.getpid()}")
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, output_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -65,10 +65,11 @@ def _fmt(value: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from igpt.cli import parse
+    from igpt.devices import resolve_device
     from igpt.errors import IgptError
     from igpt.eval.preference import load_scorer
     from igpt.eval.runner import evaluate, load_tasks
-    from igpt.generate import load_checkpoint, resolve_chat, resolve_device
+    from igpt.generate import load_checkpoint, resolve_chat
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

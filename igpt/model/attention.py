@@ -41,9 +41,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from igpt.registry import ATTENTION_BACKENDS
+
 log = logging.getLogger("igpt")
 
-BACKENDS = ("sdpa", "flash", "triton")
+BACKENDS = ATTENTION_BACKENDS
 
 # Grouping segments for the sdpa backend: a segment joins the group of the next longer ones while padding it up to the
 # group's length P adds at most P // PAD_FRACTION tokens (so at most ~1.3x the causal work of the unpadded segment),
@@ -67,11 +69,6 @@ class AttentionInfo:
     max_seqlen: int = 0
     groups: list[tuple[int, int]] = field(default_factory=list)
     slots: torch.Tensor | None = None
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """``(B, S)`` document index of every token: ``cumsum(position_ids == 0)`` along the row."""
-    return torch.cumsum(position_ids == 0, dim=-1)
 
 
 def group_segments(lengths: list[int]) -> list[list[int]]:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from igpt.model.attention import _resolve, _triton_status
+from igpt.registry import LOSS_BACKENDS
 
-BACKENDS = ("torch", "triton")
+BACKENDS = LOSS_BACKENDS
 REDUCTIONS = ("sum", "none")
 IGNORE_INDEX = -100
 

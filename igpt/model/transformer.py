@@ -79,10 +79,6 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -250,8 +246,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if head == "lm":
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-            if self.tied:
-                self.lm_head.weight = self.embed_tokens.weight
+            self.retie()
         else:
             self.score = nn.Linear(cfg.dim, 1, bias=False)
         self.init_weights()
@@ -262,6 +257,12 @@ class Transformer(nn.Module):
         constructor, the init plan and every step that gives parameters new storage (``to_empty``, loads with
         ``assign``) ask it."""
         return self.head == "lm" and self.cfg.tie_embeddings
+
+    def retie(self) -> None:
+        """Make ``lm_head.weight`` the embedding matrix again when the model is :attr:`tied` (after a step that gave
+        parameters new storage: ``to_empty``, a load with ``assign``); nothing otherwise."""
+        if self.tied:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def init_plan(self) -> list[tuple[str, Draw]]:
         """Every parameter's initialisation as ``(name, draw)``, in the order :meth:`init_weights` draws them (the
@@ -316,11 +317,6 @@ class Transformer(nn.Module):
         """(Re)initialise every parameter as the module docstring describes (also after building on ``meta``)."""
         for name, draw in self.init_plan():
             draw(self.get_parameter(name))
-
-    @torch.no_grad()
-    def init_score(self, generator: torch.Generator | None = None) -> None:
-        """Draw the scalar head from N(0, 1/(dim + 1)) (a reward model's head, also when the body is loaded)."""
-        nn.init.normal_(self.score.weight, mean=0.0, std=1.0 / math.sqrt(self.cfg.dim + 1), generator=generator)
 
     def forward(
         self,

@@ -8,20 +8,12 @@ import torch
 
 from igpt.config import StrategyConfig
 from igpt.parallel.base import Strategy, Wrapped
-
-_STRATEGIES = {
-    "single": ("igpt.parallel.base", "Strategy"),
-    "ddp": ("igpt.parallel.ddp", "DDPStrategy"),
-    "fsdp": ("igpt.parallel.fsdp", "FSDPStrategy"),
-    "zero1": ("igpt.parallel.zero", "ZeroStrategy"),
-    "zero2": ("igpt.parallel.zero", "ZeroStrategy"),
-    "zero3": ("igpt.parallel.zero", "ZeroStrategy"),
-}
+from igpt.registry import STRATEGIES
 
 
 def build_strategy(cfg: StrategyConfig, precision: str, device: torch.device) -> Strategy:
     """Instantiate ``strategy=<name>``; the module is imported lazily so DeepSpeed loads only when asked for."""
-    module, cls = _STRATEGIES[cfg.name]
+    module, cls = STRATEGIES[cfg.name]
     try:
         klass = getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as e:

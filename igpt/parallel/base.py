@@ -272,12 +272,6 @@ class Strategy:
         """The description of rank 0's progress bar while a model is filled (None on other ranks)."""
         return f"init {name}" if self.rank == 0 else None
 
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """One trainable model: ``(model to call, optimizer)`` (``wrap_model`` gives the whole handle)."""
-        handle = self.wrap_model(model, optim_cfg)
-        assert handle.optimizer is not None
-        return handle.model, handle.optimizer
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast around forward passes when precision=bf16 (sharded strategies use their own policies)."""
         if self.precision == "bf16":

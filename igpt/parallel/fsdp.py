@@ -3,7 +3,7 @@
 Follows torchtitan's ``parallelize`` recipe (``torchtitan/models/llama3/infra/parallelize.py``) and the PyTorch FSDP2
 tutorial: activation checkpointing and ``torch.compile`` first (``Strategy.prepare_model``), then ``fully_shard`` on
 every transformer block (each block is one all-gather / reduce-scatter unit), then on the root, which owns the
-embedding, the final norm and the output head. Options (``conf/strategy/fsdp.yaml``):
+embedding, the final norm and the output head. Options (``StrategyConfig`` in igpt/config.py):
 
 - ``param_dtype`` / ``reduce_dtype``: ``MixedPrecisionPolicy``. With ``precision=bf16`` parameters are cast to bf16
   for compute while the sharded master weights, the optimizer state and the gradient reduction stay fp32, so
@@ -53,19 +53,13 @@ from torch.distributed.tensor import DTensor, init_device_mesh
 from igpt.config import OptimConfig, StrategyConfig
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
 from igpt.parallel.init import ModelInit, on_meta
+from igpt.precision import dtype_of
 from igpt.shards import Shard, plain_name
 
 log = logging.getLogger("igpt")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _dtype(name: str | None, key: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"config key {key!r} is {name!r}; expected one of {', '.join(DTYPES)} (or null)")
-    return DTYPES[name]
+    return None if name is None else dtype_of(name, key)
 
 
 def init_single_process_group(device: torch.device) -> None:

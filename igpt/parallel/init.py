@@ -53,8 +53,8 @@ def to_empty(model: nn.Module, device: torch.device) -> nn.Module:
     """``model.to_empty(device)`` for a plain ``Transformer``, keeping a tied output matrix tied (``to_empty``
     gives each module its own new parameter)."""
     model.to_empty(device=device)
-    if getattr(model, "tied", False):
-        model.lm_head.weight = model.embed_tokens.weight
+    if hasattr(model, "retie"):
+        model.retie()
     return model
 
 

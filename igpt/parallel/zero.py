@@ -60,6 +60,7 @@ from igpt.errors import CheckpointError, MissingPathError
 from igpt.parallel.base import Strategy, Wrapped, build_adamw
 from igpt.parallel.fsdp import init_single_process_group
 from igpt.parallel.init import ModelInit, on_meta, to_empty
+from igpt.precision import compute_dtype
 from igpt.shards import Shard, plain_name
 
 log = logging.getLogger("igpt")
@@ -348,8 +349,7 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     plain.to_empty(device=next(module.parameters()).device)
     state = {plain_name(k): v for k, v in module.state_dict().items()}
     plain.load_state_dict(state)
-    if plain.tied:
-        plain.lm_head.weight = plain.embed_tokens.weight
+    plain.retie()
     return plain.to(next(module.parameters()).dtype).eval()
 
 
@@ -414,7 +414,7 @@ class ZeroStrategy(Strategy):
         partitions. The engine then finds the parameters already partitioned, as under ``zero.Init``."""
         import deepspeed
 
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the engine's dtype for ZeRO-Init
+        dtype = compute_dtype(self.precision)  # the engine's dtype for ZeRO-Init
         model.to(dtype)  # on meta: nothing allocated
         to_empty(model, self.device)
         deepspeed.comm.init_distributed(dist_init_required=False)  # what deepspeed.initialize would do first

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from igpt.model.outputs import Hidden, TokenLogProbs, TokenStats
 from igpt.stages.base import ModelSpec, Stage, StageOutput
+from igpt.stages.context import RunContext
 from igpt.stages.pref import Comparisons, comparisons, count_records
 
 log = logging.getLogger("igpt")
@@ -117,8 +118,6 @@ def kto_loss(logratio: torch.Tensor, desirable: torch.Tensor, z: torch.Tensor | 
 
 
 class DPOStage(Stage):
-    name = "dpo"
-
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         if cfg.dpo.loss == "kto":
@@ -150,10 +149,10 @@ class DPOStage(Stage):
             specs.append(self.reference_spec())
         return specs
 
-    def prepare(self, trainer) -> None:
+    def prepare(self, ctx: RunContext) -> None:
         from igpt.errors import ConfigError
 
-        super().prepare(trainer)
+        super().prepare(ctx)
         if self.reference_free and (self.cfg.dpo.precompute_reference or self.cfg.reference_from):
             key = "dpo.precompute_reference" if self.cfg.dpo.precompute_reference else "reference_from"
             raise ConfigError(f"{key} is set, but dpo.loss={self.cfg.dpo.loss} uses no reference model")
@@ -238,22 +237,21 @@ class DPOStage(Stage):
     # ---- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        trainer = self.trainer
-        assert trainer is not None
-        models = trainer.models
+        ctx = self.ctx
+        models = ctx.models
         models["policy"].eval()
         live = "reference" in models and self.cfg.dpo.loss != "kto"  # KTO's examples: no val KL (its "kl" is z)
         names = self.metric_names
-        sums = torch.zeros(4 + len(names), dtype=torch.float64, device=trainer.device)
-        for micro in trainer.eval_micro_batches(self):
-            with trainer.strategy.autocast():
+        sums = torch.zeros(4 + len(names), dtype=torch.float64, device=ctx.device)
+        for micro in ctx.eval_micro_batches(self):
+            with ctx.autocast():
                 out = self.loss(models, micro, split="val")
                 kl = self._exact_kl(models, micro) if live else torch.zeros(2, dtype=torch.float64)
             sums[0] += out.loss_sum.double()
             sums[1] += float(out.tokens)
             sums[2:4] += kl.to(sums.device)
             sums[4:] += torch.stack([out.metrics[k].double().to(sums.device) for k in names])
-        total = trainer.strategy.all_reduce(sums).tolist()
+        total = ctx.strategy.all_reduce(sums).tolist()
         n = max(total[1], 1.0)
         result = {"loss": total[0] / n, **{k: v / n for k, v in zip(names, total[4:])}}
         if live:
@@ -283,20 +281,21 @@ class DPOStage(Stage):
         source, _ = self.reference_source
         ref = {"source": None}
         if source:
-            opened = self.trainer.weights_source(self.reference_spec())
+            opened = self.ctx.weights_source(self.reference_spec())
             ref = {"source": os.path.abspath(opened.path), "step": opened.meta.get("step")}
         with open(os.path.join(self.cfg.data.dir, "index.json"), "rb") as f:
             data = hashlib.sha256(f.read()).hexdigest()
         return {"reference": ref, "seed": self.cfg.trainer.seed if not source else None, "data": data,
-                "seq_len": self.cfg.trainer.seq_len, "precision": self.cfg.precision, "model": asdict(self.cfg.model)}
+                "seq_len": self.cfg.trainer.seq_len, "precision": self.cfg.precision,
+                "model": asdict(self.ctx.model_cfg)}
 
     def _load_or_precompute(self) -> None:
         from safetensors.torch import load_file
 
-        trainer = self.trainer
+        ctx = self.ctx
         folder = os.path.join(self.cfg.run_dir, CACHE_DIR)
         key = json.dumps(self._cache_key(), sort_keys=True)
-        splits = [s for s in ("train", "val") if trainer.index["splits"].get(s, {}).get("samples", 0) > 0]
+        splits = [s for s in ("train", "val") if ctx.data.samples(s) > 0]
         paths = {s: os.path.join(folder, f"{s}.safetensors") for s in splits}
         meta_path = os.path.join(folder, "key.json")
         cached = os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values())
@@ -307,13 +306,13 @@ class DPOStage(Stage):
             self.tables = {s: load_file(p)["logps"] for s, p in paths.items()}
             log.info("dpo: reference log-probs from %s", folder)
             return
-        reference = trainer.build_model(self.reference_spec())
+        reference = ctx.build_model(self.reference_spec())
         reference.eval()
         for split in splits:
             self.tables[split] = self._precompute(reference, split)
         del reference
         gc.collect()
-        if trainer.is_main:
+        if ctx.is_main:
             from safetensors.torch import save_file
 
             from igpt.checkpoint import write_text_atomic
@@ -323,7 +322,7 @@ class DPOStage(Stage):
                 save_file({"logps": self.tables[split]}, path + ".tmp")
                 os.replace(path + ".tmp", path)
             write_text_atomic(meta_path, key)  # written last: the cache counts only once it exists
-        trainer.strategy.barrier()
+        ctx.strategy.barrier()
         log.info("dpo: reference log-probs of %s computed and stored in %s; the reference is freed",
                  " and ".join(splits), folder)
 
@@ -332,23 +331,23 @@ class DPOStage(Stage):
         """``(samples, K)`` float64 summed log-probs of every response of ``split`` (NaN where a record has fewer)."""
         from tqdm.auto import tqdm
 
-        trainer = self.trainer
+        ctx = self.ctx
         found: list[tuple[int, int, float]] = []
-        batches = trainer.eval_batches(self, split=split, limit=0)
-        total = trainer.index["splits"][split]["samples"]
-        bar = tqdm(total=total, desc=f"reference log-probs ({split})", unit="pair", disable=not trainer.is_main)
+        batches = ctx.eval_batches(self, split=split, limit=0)
+        total = ctx.data.samples(split)
+        bar = tqdm(total=total, desc=f"reference log-probs ({split})", unit="pair", disable=not ctx.is_main)
         for batch in batches:
-            for micro in trainer.micro_batches(batch):
-                with trainer.strategy.autocast():
+            for micro in ctx.micro_batches(batch):
+                with ctx.autocast():
                     lp = reference(micro["input_ids"], position_ids=micro["position_ids"],
                                    output=TokenLogProbs(micro["labels"]))
                 comp = comparisons(micro)
                 seg = comp.per_segment(lp.float()).double()
                 sid = micro["sample_id"][comp.row, 0]
                 found += list(zip(sid.tolist(), comp.index.tolist(), seg.tolist()))
-            bar.update(int((batch["sample_id"][:, 0] >= 0).sum()) * trainer.world_size)
+            bar.update(int((batch["sample_id"][:, 0] >= 0).sum()) * ctx.world_size)
         bar.close()
-        everything = [x for part in trainer.strategy.all_gather_object(found) for x in part]
+        everything = [x for part in ctx.strategy.all_gather_object(found) for x in part]
         k = 1 + max((i for _, i, _ in everything), default=1)
         table = torch.full((total, k), float("nan"), dtype=torch.float64)
         for sid, i, v in everything:

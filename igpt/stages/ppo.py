@@ -44,6 +44,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,9 @@ import torch
 
 from igpt.config import OptimConfig, import_callable
 from igpt.model.outputs import Hidden, TokenLogProbs, TokenStats
-from igpt.stages.base import ModelSpec, Stage
+from igpt.sampling import Rollout
+from igpt.stages.base import ModelSpec, Stage, accumulate, apply_update
+from igpt.stages.context import RunContext, StepResult
 from igpt.stages.ppo_math import (
     KLController,
     clipped_policy_loss,
@@ -94,9 +97,41 @@ class PromptRecords:
         return json.loads(self._open[shard].get(sample_id - int(self.first[shard]))[1].tobytes())
 
 
-class PPOStage(Stage):
-    name = "ppo"
+@dataclass
+class RolloutBatch:
+    """A step's sampled responses with their prompts, ``B = prompts x rollout.n`` rows of ``Tp + N`` tokens."""
 
+    ids: torch.Tensor  # (B, Tp + N) left-padded prompt, then the response
+    real: torch.Tensor  # (B, Tp + N) bool: real tokens
+    pos: torch.Tensor  # (B, Tp + N) position ids
+    labels: torch.Tensor  # (B, Tp + N) the response tokens at the positions that predict them, else -100
+    sampled: Rollout  # the sampler's tokens, log-probs, mask and ended flags, (B, N)
+    tp: int  # prompt columns
+    nr: int  # response columns
+    sample_ids: list[int]  # the prompt's global sample id, per row
+    seconds: float  # time spent sampling
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.sampled.mask
+
+
+@dataclass
+class RolloutScores:
+    """What a step computes of its rollout before the advantages (per row ``(B,)`` or per response token
+    ``(B, N)``)."""
+
+    scores: torch.Tensor  # (B,) the rewards
+    penalised: torch.Tensor  # (B,) minus reward.missing_eos_penalty on truncated responses
+    old: torch.Tensor  # (B, N) the actor's log-probs at the rollout temperature
+    kl: torch.Tensor  # (B, N) the kl.estimator's per-token KL to the reference (0 off the response)
+    kl_exact: torch.Tensor  # (B, N) the exact full-vocabulary KL
+    entropy: torch.Tensor  # (B, N)
+    values: torch.Tensor | None  # (B, N) the critic's, with ppo.advantage=gae
+    coef: float  # the KL coefficient of this step
+
+
+class PPOStage(Stage):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.kl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
@@ -143,8 +178,8 @@ class PPOStage(Stage):
                              f"in trainer.seq_len ({tcfg.seq_len})")
         return (rows // m) // tcfg.micro_batch_size
 
-    def prepare(self, trainer) -> None:
-        super().prepare(trainer)
+    def prepare(self, ctx: RunContext) -> None:
+        super().prepare(ctx)
         cfg = self.cfg
         if cfg.ppo.advantage in ("grpo", "rloo") and cfg.rollout.n < 2:
             raise ValueError(f"ppo.advantage={cfg.ppo.advantage} compares the samples of a prompt: rollout.n must "
@@ -159,61 +194,60 @@ class PPOStage(Stage):
                              f"({'the reward model, ' if cfg.reward.model else ''}{len(self.functions)} functions)")
         self.weights = list(cfg.reward.weights) or [1.0] * sources
         if cfg.reward.model:
-            self._check_reward_tokenizer(trainer)
+            self._check_reward_tokenizer(ctx)
         if cfg.ptx.coef > 0:
             if not cfg.ptx.data_dir:
                 raise ValueError("ptx.coef > 0 needs ptx.data_dir=<a prepared kind=text dir>")
-            ptx = trainer.make_loader("train", loop=True, data_dir=cfg.ptx.data_dir, pack=True)
+            ptx = ctx.open_loader("ptx", cfg.ptx.data_dir, pack=True)
             if ptx.kind != "text":
                 raise ValueError(f"ptx.data_dir={cfg.ptx.data_dir} holds kind={ptx.kind} data; PPO-ptx needs kind=text")
-            trainer.loaders["ptx"] = ptx
         self._ptx_batches = None
         for split in ("train", "val"):
-            if trainer.index["splits"].get(split, {}).get("samples", 0):
+            if ctx.data.samples(split):
                 self.records[split] = PromptRecords(cfg.data.dir, split)
 
-    def _check_reward_tokenizer(self, trainer) -> None:
+    def _check_reward_tokenizer(self, ctx: RunContext) -> None:
         from igpt.checkpoint import open_source
 
         source = open_source(self.cfg.reward.model, "reward.model")
         theirs = source.chat_format()
-        if theirs.get_vocab(with_added_tokens=True) != trainer.tokenizer.get_vocab(with_added_tokens=True):
+        if theirs.get_vocab(with_added_tokens=True) != ctx.tokenizer.get_vocab(with_added_tokens=True):
             raise ValueError(
                 f"reward.model={self.cfg.reward.model}: its tokenizer ({source.tokenizer_dir}) differs from the prompt "
-                f"data's ({trainer.tokenizer_path}); the reward model must read the policy's tokens"
+                f"data's ({ctx.tokenizer_path}); the reward model must read the policy's tokens"
             )
 
     # ---- rollout pieces --------------------------------------------------------------------------------------------
     def _prompts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompts ``(b, T)`` and their real-token mask, cut at the left to leave room for the response."""
-        trainer = self.trainer
+        ctx = self.ctx
         budget = self.cfg.trainer.seq_len - self.cfg.rollout.max_new_tokens
         lens = batch["prompt_len"][:, 0].clamp(max=budget)
         t = max(int(lens.max()), 1)
         b = lens.numel()
-        ids = torch.full((b, t), trainer.pad_id, dtype=torch.long)
+        ids = torch.full((b, t), ctx.pad_id, dtype=torch.long)
         real = torch.zeros(b, t, dtype=torch.bool)
         for i in range(b):
             n, full = int(lens[i]), int(batch["prompt_len"][i, 0])
             ids[i, t - n :] = batch["input_ids"][i, full - n : full]
             real[i, t - n :] = True
-        return ids.to(trainer.device), real.to(trainer.device)
+        return ids.to(ctx.device), real.to(ctx.device)
 
     def score(self, ids: torch.Tensor, real: torch.Tensor, prompt_len: int, responses: torch.Tensor,
               mask: torch.Tensor, sample_ids: list[int], split: str) -> tuple[torch.Tensor, list[str]]:
         """Rewards ``(B,)`` of the responses (reward model and functions, weighted) and the completions' text."""
         from igpt.stages.rm import score as rm_score
 
-        trainer = self.trainer
-        tok = trainer.tokenizer
-        stop = set(trainer.stop_ids)
+        ctx = self.ctx
+        tok = ctx.tokenizer
+        stop = set(ctx.stop_ids)
         completions = [tok.decode([t for t, m in zip(row, keep) if m and t not in stop], skip_special_tokens=True)
                        for row, keep in zip(responses.tolist(), mask.tolist())]
         total = torch.zeros(responses.shape[0], dtype=torch.float32, device=responses.device)
         w = iter(self.weights)
-        if "reward" in trainer.models:
-            with trainer.strategy.autocast():
-                r = rm_score(trainer.models["reward"], ids, real).float()
+        if "reward" in ctx.models:
+            with ctx.autocast():
+                r = rm_score(ctx.models["reward"], ids, real).float()
             if self.cfg.reward.clip > 0:
                 r = r.clamp(-self.cfg.reward.clip, self.cfg.reward.clip)
             total += next(w) * r
@@ -255,8 +289,8 @@ class PPOStage(Stage):
     @torch.no_grad()
     def _forward_stats(self, ids, pos, labels, n_prompt: int, n_resp: int) -> dict[str, torch.Tensor]:
         """Per response token ``(B, N)``: old log-probs, reference log-probs, entropy, exact KL; and values."""
-        trainer = self.trainer
-        models = trainer.models
+        ctx = self.ctx
+        models = ctx.models
         temp = self.cfg.rollout.temperature if self.cfg.rollout.temperature > 0 else 1.0
         cols = slice(n_prompt - 1, n_prompt - 1 + n_resp)
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("old", "ref", "entropy", "kl_exact", "values")}
@@ -265,7 +299,7 @@ class PPOStage(Stage):
             rows = slice(i, i + size)
             a = (ids[rows],)
             kw = {"position_ids": pos[rows]}
-            with trainer.strategy.autocast():
+            with ctx.autocast():
                 out["old"].append(models["policy"](*a, **kw, output=TokenLogProbs(labels[rows], temp))[:, cols])
                 h_ref = models["reference"](*a, **kw, output=Hidden())
                 with models["reference"].full_param("lm_head.weight") as w_ref:
@@ -279,7 +313,7 @@ class PPOStage(Stage):
 
     def _global_mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
         m = mask.to(torch.float64)
-        s = self.trainer.global_sum([(x.double() * m).sum(), ((x.double() ** 2) * m).sum(), m.sum()])
+        s = self.ctx.global_sum([(x.double() * m).sum(), ((x.double() ** 2) * m).sum(), m.sum()])
         mean = s[0] / max(s[2], 1.0)
         return mean, max(s[1] / max(s[2], 1.0) - mean * mean, 0.0)
 
@@ -311,152 +345,178 @@ class PPOStage(Stage):
             seq_adv = sequence_whiten(seq_adv, mean, var)
         return seq_adv[:, None].expand_as(mask) * mask, None, None
 
-    # ---- the step --------------------------------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # ---- the step: rollout -> score -> advantages -> update ---------------------------------------------------------
+    def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        ro = self.rollout(batch)
+        sc = self.score_rollout(ro)
+        adv, values, returns = self.advantages(sc.penalised, sc.kl, ro.mask, sc.values, sc.coef)
+        upd = self.update(ro, sc.old, adv, values, returns)
+        return self._step_result(ro, sc, upd, values, returns)
+
+    def rollout(self, batch: dict[str, torch.Tensor]) -> RolloutBatch:
+        """1. Every prompt of the rank's batch ``rollout.n`` times, sampled by the actor (weights gathered once)."""
         from igpt.sampling import positions_from_mask, row_seeds, sample_rollout
 
-        trainer, cfg = self.trainer, self.cfg
-        rcfg = cfg.rollout
-        models, device, n = trainer.models, trainer.device, rcfg.n
-        actor = models["policy"]
-
-        # 1. rollout
+        ctx, rcfg = self.ctx, self.cfg.rollout
+        actor, n = ctx.models["policy"], rcfg.n
         t0 = time.perf_counter()
         prompts, preal = self._prompts(batch)
         b = prompts.shape[0]
         prompts, preal = prompts.repeat_interleave(n, 0), preal.repeat_interleave(n, 0)
         sample_ids = batch["sample_id"][:, 0].repeat_interleave(n).tolist()
-        rows = torch.arange(b * n, device=device) + trainer.rank * b * n  # global row index
-        seeds = row_seeds(cfg.trainer.seed, trainer.step, rows)
+        rows = torch.arange(b * n, device=ctx.device) + ctx.rank * b * n  # global row index
+        seeds = row_seeds(self.cfg.trainer.seed, ctx.step, rows)
         actor.eval()
-        with actor.gathered() as model, trainer.strategy.autocast():
+        with actor.gathered() as model, ctx.autocast():
             ro = sample_rollout(model, prompts, preal, rcfg.max_new_tokens, seeds, rcfg.temperature, rcfg.top_k,
-                                rcfg.top_p, trainer.stop_ids, trainer.pad_id)
-        rollout_s = time.perf_counter() - t0
+                                rcfg.top_p, ctx.stop_ids, ctx.pad_id)
+        seconds = time.perf_counter() - t0
         tp, nr = prompts.shape[1], ro.tokens.shape[1]
         ids = torch.cat([prompts, ro.tokens], dim=1)  # (B, Tp + N)
         real = torch.cat([preal, ro.mask], dim=1)
-        pos = positions_from_mask(real)
         labels = torch.full_like(ids, -100)
         labels[:, tp - 1 : tp - 1 + nr] = torch.where(ro.mask, ro.tokens, torch.full_like(ro.tokens, -100))
-        mask = ro.mask
+        return RolloutBatch(ids, real, positions_from_mask(real), labels, ro, tp, nr, sample_ids, seconds)
 
-        # 2. scores, 3. old log-probs and values
-        scores, _ = self.score(ids, real, tp, ro.tokens, mask, sample_ids, "train")
-        penalty = cfg.reward.missing_eos_penalty * (~ro.ended).float()
-        scores_pen = scores - penalty
-        st = self._forward_stats(ids, pos, labels, tp, nr)
+    def score_rollout(self, ro: RolloutBatch) -> RolloutScores:
+        """2. Scores (minus the missing-EOS penalty) and 3. old log-probs, reference log-probs, KL and values."""
+        cfg = self.cfg
+        mask = ro.mask
+        scores, _ = self.score(ro.ids, ro.real, ro.tp, ro.sampled.tokens, mask, ro.sample_ids, "train")
+        penalty = cfg.reward.missing_eos_penalty * (~ro.sampled.ended).float()
+        st = self._forward_stats(ro.ids, ro.pos, ro.labels, ro.tp, ro.nr)
         old, ref = st["old"].float(), st["ref"].float()
         kl = kl_estimate(old, ref, cfg.kl.estimator) * mask
-        kl_seq = kl.sum(dim=1)
-        coef = self.kl.value
+        return RolloutScores(scores, scores - penalty, old, kl, st["kl_exact"], st["entropy"], st.get("values"),
+                             self.kl.value)
 
-        # 4. advantages
-        adv, values, returns = self.advantages(scores_pen, kl, mask, st.get("values"), coef)
-
-        # 5. updates
-        upd = self._update(ids, pos, labels, mask, old, adv, values, returns, tp, nr)
-
-        # 6. KL controller and metrics
-        g = trainer.global_sum([
-            scores.sum(), kl_seq.sum(), (st["kl_exact"] * mask).sum(), (st["entropy"] * mask).sum(),
-            mask.sum(), (~ro.ended).sum(), ((ro.logprobs - old).abs() * mask).sum(), float(b * n),
-            (scores_pen - coef * kl_seq).sum(),
-        ])
-        seqs = g[7]
-        kl_mean = g[1] / seqs
-        self.kl.update(kl_mean, int(seqs))
+    def _step_result(self, ro: RolloutBatch, sc: RolloutScores, upd: dict[str, Any], values, returns) -> StepResult:
+        """6. The KL controller's update and the step's metrics (TRL's names), summed over ranks in one collective."""
+        mask, ctx = ro.mask, self.ctx
+        kl_seq = sc.kl.sum(dim=1)
+        g = dict(zip(
+            ("scores", "kl", "kl_exact", "entropy", "tokens", "truncated", "logprob_gap", "seqs", "rlhf_reward",
+             "real"),
+            ctx.global_sum([
+                sc.scores.sum(), kl_seq.sum(), (sc.kl_exact * mask).sum(), (sc.entropy * mask).sum(), mask.sum(),
+                (~ro.sampled.ended).sum(), ((ro.sampled.logprobs - sc.old).abs() * mask).sum(), float(mask.shape[0]),
+                (sc.penalised - sc.coef * kl_seq).sum(), ro.real.sum(),
+            ]),
+        ))
+        seqs = g["seqs"]
+        self.kl.update(g["kl"] / seqs, int(seqs))
         metrics = {
-            "objective/scores": g[0] / seqs, "objective/kl": kl_mean, "objective/kl_exact": g[2] / seqs,
-            "objective/entropy": g[3] / seqs, "objective/rlhf_reward": g[8] / seqs,
-            "response_length/mean": g[4] / seqs, "response_length/clip_ratio": g[5] / seqs,
-            "rollout/logprob_gap": g[6] / max(g[4], 1.0), "rollout/tokens_per_s": g[4] / max(rollout_s, 1e-9),
-            "kl/coef": coef, **upd,
+            "objective/scores": g["scores"] / seqs, "objective/kl": g["kl"] / seqs,
+            "objective/kl_exact": g["kl_exact"] / seqs, "objective/entropy": g["entropy"] / seqs,
+            "objective/rlhf_reward": g["rlhf_reward"] / seqs, "response_length/mean": g["tokens"] / seqs,
+            "response_length/clip_ratio": g["truncated"] / seqs,
+            "rollout/logprob_gap": g["logprob_gap"] / max(g["tokens"], 1.0),
+            "rollout/tokens_per_s": g["tokens"] / max(ro.seconds, 1e-9), "kl/coef": sc.coef, **upd["metrics"],
         }
         if values is not None:
-            v = trainer.global_sum([
-                (returns * mask).sum(), (returns**2 * mask).sum(), ((returns - values) * mask).sum(),
-                ((returns - values) ** 2 * mask).sum(), mask.sum(),
-            ])
-            var_r = v[1] / v[4] - (v[0] / v[4]) ** 2
-            var_e = v[3] / v[4] - (v[2] / v[4]) ** 2
-            metrics["critic/vf_explained_var"] = 1.0 - var_e / var_r if var_r > 0 else float("nan")
-        return {**metrics, "step_tokens": int(trainer.global_sum([real.sum()])[0])}
+            metrics["critic/vf_explained_var"] = self._explained_variance(values, returns, mask)
+        return StepResult(loss=upd["loss"], lr=upd["lr"], grad_norm=upd["grad_norm"], finite=upd["finite"],
+                          tokens=int(g["real"]), metrics=metrics)
 
-    def _update(self, ids, pos, labels, mask, old, adv, values, returns, tp: int, nr: int) -> dict[str, Any]:
-        trainer, cfg, pcfg = self.trainer, self.cfg, self.cfg.ppo
-        actor = trainer.models["policy"]
-        critic = trainer.models.get("critic")
-        world, size = trainer.world_size, cfg.trainer.micro_batch_size
-        temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        cols = slice(tp - 1, tp - 1 + nr)
-        rows_total, m = ids.shape[0], pcfg.minibatches
-        lr = trainer.lr()
+    def _explained_variance(self, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+        s, s2, e, e2, n = self.ctx.global_sum([
+            (returns * mask).sum(), (returns**2 * mask).sum(), ((returns - values) * mask).sum(),
+            ((returns - values) ** 2 * mask).sum(), mask.sum(),
+        ])
+        var_r, var_e = s2 / n - (s / n) ** 2, e2 / n - (e / n) ** 2
+        return 1.0 - var_e / var_r if var_r > 0 else float("nan")
+
+    def update(self, ro: RolloutBatch, old, adv, values, returns) -> dict[str, Any]:
+        """5. ``ppo.epochs`` passes over ``ppo.minibatches`` minibatches, one optimizer step each (PPO-ptx's batch in
+        the same step); returns the mean losses, the last step's learning rate and gradient norm."""
+        cfg, pcfg, ctx = self.cfg, self.cfg.ppo, self.ctx
+        actor, critic = ctx.models["policy"], ctx.models.get("critic")
+        lr = ctx.lr()
         critic_lr = lr * (pcfg.critic_lr or cfg.optim.lr) / cfg.optim.lr
-        sums = {k: 0.0 for k in ("pg", "vf", "clip", "vclip", "approxkl", "tokens", "ptx", "ptx_tokens")}
+        sums = dict.fromkeys(("pg", "vf", "clip", "vclip", "approxkl", "tokens", "ptx", "ptx_tokens"), 0.0)
         finite, grad_norm = True, float("nan")
-        actor.train()
-        if critic is not None:
-            critic.train()
+        for model in (actor, critic):
+            if model is not None:
+                model.train()
         for epoch in range(pcfg.epochs):
-            gen = torch.Generator().manual_seed(cfg.trainer.seed * 100_003 + trainer.step * 101 + epoch)
-            for k in torch.randperm(m, generator=gen).tolist():
-                idx = torch.arange(k, rows_total, m, device=ids.device)
-                tokens = trainer.global_sum([mask[idx].sum()])[0]
-                scale = world / max(tokens, 1.0)
-                ptx_batch = self._next_ptx()
-                micro = [idx[i : i + size] for i in range(0, idx.numel(), size)]
-                ptx_micro = list(trainer.micro_batches(ptx_batch)) if ptx_batch is not None else []
-                ptx_scale = world / max(trainer.global_sum([(ptx_batch["labels"] != -100).sum()])[0], 1.0) \
-                    if ptx_batch is not None else 0.0
-                last = len(micro) + len(ptx_micro) - 1
-                for j, r in enumerate(micro):
-                    kw = {"position_ids": pos[r]}
-                    with actor.no_sync(last_micro=j == last), trainer.strategy.autocast():
-                        logp = actor(ids[r], **kw, output=TokenLogProbs(labels[r], temp))[:, cols]
-                        pl = clipped_policy_loss(logp, old[r], adv[r], pcfg.clip, pcfg.clip_high, pcfg.dual_clip)
-                        mk = mask[r]
-                        loss = (pl.loss * mk).sum()
-                        actor.backward(loss * scale)
-                    with torch.no_grad():
-                        sums["pg"] += loss.item()
-                        sums["clip"] += (pl.clipped & mk).sum().item()
-                        sums["approxkl"] += (0.5 * (logp - old[r]) ** 2 * mk).sum().item()
-                        sums["tokens"] += mk.sum().item()
-                    if critic is not None:
-                        with critic.no_sync(last_micro=j == len(micro) - 1), trainer.strategy.autocast():
-                            v = critic(ids[r], **kw)[:, cols].float()
-                            vf, vclipped = clipped_value_loss(v, values[r], returns[r], pcfg.value_clip)
-                            vloss = (vf * mk).sum()
-                            critic.backward(pcfg.vf_coef * vloss * scale)
-                        sums["vf"] += vloss.item()
-                        sums["vclip"] += (vclipped & mk).sum().item()
-                for j, mb in enumerate(ptx_micro):
-                    with actor.no_sync(last_micro=len(micro) + j == last), trainer.strategy.autocast():
-                        ptx = actor(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"])
-                        actor.backward(cfg.ptx.coef * ptx * ptx_scale)
-                    sums["ptx"] += ptx.item()
-                    sums["ptx_tokens"] += (mb["labels"] != -100).sum().item()
-                step_ok = math.isfinite(sums["pg"]) and math.isfinite(sums["vf"]) and math.isfinite(sums["ptx"])
+            gen = torch.Generator().manual_seed(cfg.trainer.seed * 100_003 + ctx.step * 101 + epoch)
+            for k in torch.randperm(pcfg.minibatches, generator=gen).tolist():
+                idx = torch.arange(k, ro.ids.shape[0], pcfg.minibatches, device=ro.ids.device)
+                step_ok = self._minibatch(ro, idx, old, adv, values, returns, sums)
                 finite = finite and step_ok
-                actor.set_lr(lr)
-                grad_norm = actor.clip_and_step(cfg.trainer.grad_clip, skip=not step_ok)
+                grad_norm = apply_update(ctx, actor, lr, step_ok)
                 if critic is not None:
-                    critic.set_lr(critic_lr)
-                    critic.clip_and_step(cfg.trainer.grad_clip, skip=not step_ok)
-        g = trainer.global_sum([sums[k] for k in ("pg", "vf", "clip", "vclip", "approxkl", "tokens", "ptx",
-                                                  "ptx_tokens")])
-        tok = max(g[5], 1.0)
-        out = {"loss": g[0] / tok, "lr": lr, "grad_norm": grad_norm, "finite": finite, "loss/policy": g[0] / tok,
-               "policy/clipfrac": g[2] / tok, "policy/approxkl": g[4] / tok}
+                    apply_update(ctx, critic, critic_lr, step_ok)
+        g = dict(zip(sums, ctx.global_sum(list(sums.values()))))
+        tok = max(g["tokens"], 1.0)
+        metrics = {"loss/policy": g["pg"] / tok, "policy/clipfrac": g["clip"] / tok,
+                   "policy/approxkl": g["approxkl"] / tok}
         if critic is not None:
-            out.update({"loss/value": g[1] / tok, "val/clipfrac": g[3] / tok})
-        if g[7] > 0:
-            out["loss/ptx"] = g[6] / g[7]
-        return out
+            metrics.update({"loss/value": g["vf"] / tok, "val/clipfrac": g["vclip"] / tok})
+        if g["ptx_tokens"] > 0:
+            metrics["loss/ptx"] = g["ptx"] / g["ptx_tokens"]
+        return {"loss": g["pg"] / tok, "lr": lr, "grad_norm": grad_norm, "finite": finite, "metrics": metrics}
+
+    def _minibatch(self, ro: RolloutBatch, idx: torch.Tensor, old, adv, values, returns,
+                   sums: dict[str, float]) -> bool:
+        """The gradients of one minibatch (rows ``idx``): the clipped policy loss and PPO-ptx's into the actor, the
+        clipped value loss into the critic, each normalised by the minibatch's global token count. Adds the sums
+        into ``sums``; returns whether they were finite."""
+        cfg, pcfg, ctx = self.cfg, self.cfg.ppo, self.ctx
+        actor, critic = ctx.models["policy"], ctx.models.get("critic")
+        temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        cols = slice(ro.tp - 1, ro.tp - 1 + ro.nr)
+        ids, pos, labels, mask = ro.ids, ro.pos, ro.labels, ro.mask
+        scale = ctx.world_size / max(ctx.global_sum([mask[idx].sum()])[0], 1.0)
+        size = cfg.trainer.micro_batch_size
+        micro = [idx[i : i + size] for i in range(0, idx.numel(), size)]
+        ptx_batch = self._next_ptx()
+        ptx_micro = list(ctx.micro_batches(ptx_batch)) if ptx_batch is not None else []
+        ptx_scale = ctx.world_size / max(ctx.global_sum([(ptx_batch["labels"] != -100).sum()])[0], 1.0) \
+            if ptx_batch is not None else 0.0
+
+        def policy_loss(r: torch.Tensor):
+            def run() -> torch.Tensor:
+                logp = actor(ids[r], position_ids=pos[r], output=TokenLogProbs(labels[r], temp))[:, cols]
+                pl = clipped_policy_loss(logp, old[r], adv[r], pcfg.clip, pcfg.clip_high, pcfg.dual_clip)
+                mk = mask[r]
+                loss = (pl.loss * mk).sum()
+                with torch.no_grad():
+                    sums["pg"] += loss.item()
+                    sums["clip"] += (pl.clipped & mk).sum().item()
+                    sums["approxkl"] += (0.5 * (logp - old[r]) ** 2 * mk).sum().item()
+                    sums["tokens"] += mk.sum().item()
+                return loss * scale
+
+            return run
+
+        def ptx_loss(mb: dict[str, torch.Tensor]):
+            def run() -> torch.Tensor:
+                ptx = actor(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"])
+                sums["ptx"] += ptx.item()
+                sums["ptx_tokens"] += (mb["labels"] != -100).sum().item()
+                return cfg.ptx.coef * ptx * ptx_scale
+
+            return run
+
+        def value_loss(r: torch.Tensor):
+            def run() -> torch.Tensor:
+                v = critic(ids[r], position_ids=pos[r])[:, cols].float()
+                vf, vclipped = clipped_value_loss(v, values[r], returns[r], pcfg.value_clip)
+                vloss = (vf * mask[r]).sum()
+                sums["vf"] += vloss.item()
+                sums["vclip"] += (vclipped & mask[r]).sum().item()
+                return pcfg.vf_coef * vloss * scale
+
+            return run
+
+        accumulate(ctx, actor, [policy_loss(r) for r in micro] + [ptx_loss(mb) for mb in ptx_micro])
+        if critic is not None:
+            accumulate(ctx, critic, [value_loss(r) for r in micro])
+        return all(math.isfinite(sums[k]) for k in ("pg", "vf", "ptx"))  # once not finite, later steps skip too
 
     def _next_ptx(self) -> dict[str, torch.Tensor] | None:
-        loader = self.trainer.loaders.get("ptx")
+        loader = self.ctx.loaders.get("ptx")
         if loader is None:
             return None
         if self._ptx_batches is None:
@@ -469,20 +529,20 @@ class PPOStage(Stage):
         """Greedy responses to the val prompts: their mean reward and KL to the reference (per sequence)."""
         from igpt.sampling import positions_from_mask, sample_rollout
 
-        trainer, cfg = self.trainer, self.cfg
+        ctx, cfg = self.ctx, self.cfg
         if "val" not in self.records:
             return {}
-        actor = trainer.models["policy"]
+        actor = ctx.models["policy"]
         actor.eval()
         sums = torch.zeros(5, dtype=torch.float64)
         self.eval_rows = []
-        for batch in trainer.eval_batches(self):
+        for batch in ctx.eval_batches(self):
             keep = batch["sample_id"][:, 0] >= 0
             prompts, preal = self._prompts(batch)
             seeds = torch.zeros(prompts.shape[0], dtype=torch.int64, device=prompts.device)
-            with actor.gathered() as model, trainer.strategy.autocast():
+            with actor.gathered() as model, ctx.autocast():
                 ro = sample_rollout(model, prompts, preal, cfg.rollout.max_new_tokens, seeds, 0.0,
-                                    stop_ids=trainer.stop_ids, pad_id=trainer.pad_id)
+                                    stop_ids=ctx.stop_ids, pad_id=ctx.pad_id)
             tp, nr = prompts.shape[1], ro.tokens.shape[1]
             ids = torch.cat([prompts, ro.tokens], dim=1)
             real = torch.cat([preal, ro.mask], dim=1)
@@ -496,13 +556,13 @@ class PPOStage(Stage):
             k = keep.to(scores.device)
             sums += torch.tensor([scores[k].sum().item(), kl[k].sum().item(), (st["kl_exact"] * mask).sum().item(),
                                   mask.sum().item(), k.sum().item()], dtype=torch.float64)
-            if trainer.is_main and len(self.eval_rows) < 8:
-                tok = trainer.tokenizer
+            if ctx.is_main and len(self.eval_rows) < 8:
+                tok = ctx.tokenizer
                 for i in range(prompts.shape[0]):
                     if keep[i] and len(self.eval_rows) < 8:
                         text = tok.decode(prompts[i][preal[i]].tolist(), skip_special_tokens=True)
                         self.eval_rows.append((text, completions[i], float(scores[i])))
-        g = trainer.global_sum(sums.tolist())
+        g = ctx.global_sum(sums.tolist())
         n = max(g[4], 1.0)
         return {"objective/scores": g[0] / n, "objective/kl": g[1] / n, "objective/kl_exact": g[2] / n,
                 "response_length/mean": g[3] / n}

@@ -4,7 +4,7 @@ from igpt.stages.base import Stage
 
 
 class PretrainStage(Stage):
-    name = "pretrain"
+    """The base stage as it is: the loss on every token."""
 
 
 STAGE = PretrainStage

@@ -51,8 +51,6 @@ def score(model: Any, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModelStage(Stage):
-    name = "rm"
-
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.reward_mean: float | None = None
@@ -84,18 +82,17 @@ class RewardModelStage(Stage):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        trainer = self.trainer
-        assert trainer is not None
-        model = trainer.models["reward"]
+        ctx = self.ctx
+        model = ctx.models["reward"]
         model.eval()
-        sums = torch.zeros(2 + len(METRICS), dtype=torch.float64, device=trainer.device)
-        for micro in trainer.eval_micro_batches(self):
-            with trainer.strategy.autocast():
-                out = self.loss(trainer.models, micro)
+        sums = torch.zeros(2 + len(METRICS), dtype=torch.float64, device=ctx.device)
+        for micro in ctx.eval_micro_batches(self):
+            with ctx.autocast():
+                out = self.loss(ctx.models, micro)
             sums[0] += out.loss_sum.double()
             sums[1] += float(out.tokens)
             sums[2:] += torch.stack([out.metrics[k].double() for k in METRICS])
-        total = trainer.strategy.all_reduce(sums).tolist()
+        total = ctx.strategy.all_reduce(sums).tolist()
         n = max(total[1], 1.0)
         return {"loss": total[0] / n, **{k: v / n for k, v in zip(METRICS, total[2:])}}
 
@@ -106,13 +103,12 @@ class RewardModelStage(Stage):
     # ---- the reward normalisation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def on_train_end(self) -> None:
-        trainer = self.trainer
-        assert trainer is not None
-        model = trainer.models["reward"]
+        ctx = self.ctx
+        model = ctx.models["reward"]
         model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=trainer.device)  # reward sum, count of best responses
-        for micro in trainer.eval_micro_batches(self, split="train", limit=self.cfg.rm.norm_batches):
-            with trainer.strategy.autocast():
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # reward sum, count of best responses
+        for micro in ctx.eval_micro_batches(self, split="train", limit=self.cfg.rm.norm_batches):
+            with ctx.autocast():
                 r, comp = self.rewards(model, micro)
             rank = micro["seq_rank"][comp.row, comp.end]
             best = torch.full((micro["seq_rank"].shape[0],), 2**30, device=rank.device).scatter_reduce(
@@ -120,7 +116,7 @@ class RewardModelStage(Stage):
             )
             chosen = rank == best[comp.row]
             sums += torch.stack([r[chosen].double().sum(), chosen.sum().double()])
-        total, n = trainer.strategy.all_reduce(sums).tolist()
+        total, n = ctx.strategy.all_reduce(sums).tolist()
         self.reward_mean = total / max(n, 1.0)
         log.info("reward normalisation: preferred train responses score %.4f on average over %d (stored)",
                  self.reward_mean, int(n))

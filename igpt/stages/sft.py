@@ -8,7 +8,7 @@ from igpt.stages.base import Stage
 
 
 class SFTStage(Stage):
-    name = "sft"
+    """The base stage: the loader's labels already cover the assistant's tokens only."""
 
 
 STAGE = SFTStage

@@ -1,7 +1,8 @@
 """Hydra entry point: ``torchrun igpt/train.py +stage=pretrain|sft [overrides]`` (or plain ``python`` for one process).
 
 Every rank composes the same config; ``igpt.config.validate`` re-checks it against the schema (so ``+key``/``++key``
-typos fail too), then the Trainer runs. Rank 0 logs to the console; every rank logs to ``<run_dir>/logs/rank<N>.log``.
+typos fail too), then the Trainer runs. Rank 0 logs to the console; every rank logs to ``<run_dir>/logs/rank<N>.log``
+once the run holds the run_dir's lock (``igpt/runlog.py``).
 A failing rank's traceback is recorded for torchrun (``@record``), which ends the other ranks.
 
 Sweeps (``python igpt/train.py -m optim.lr=1e-3,3e-3``, or a sweeper plugin such as ``hydra/sweeper=optuna``): each
@@ -30,28 +31,11 @@ from omegaconf import DictConfig  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from igpt.config import Config, register, validate  # noqa: E402
+from igpt.runlog import setup_logging  # noqa: E402
 
 register()
 log = logging.getLogger("igpt")
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-
-
-def setup_logging(run_dir: str) -> None:
-    rank = int(os.environ.get("RANK", 0))
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    console.setFormatter(fmt)
-    root.addHandler(console)
-    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-    file = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank}.log"))
-    file.setFormatter(fmt)
-    root.addHandler(file)
-    for noisy in ("torch.distributed", "wandb", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def hydra_job(cfg: DictConfig) -> dict[str, Any]:
@@ -77,29 +61,36 @@ def hydra_job(cfg: DictConfig) -> dict[str, Any]:
     return job
 
 
+def check_sweep_claim(run_dir: str, job: dict[str, Any]) -> None:
+    """Refuse a run dir that another job of the same sweep already used (it would resume that job's checkpoint);
+    reads only, before the run starts."""
+    if "sweep_dir" not in job:
+        return
+    claim = os.path.join(run_dir, "sweep.json")
+    if not os.path.exists(claim):
+        return
+    with open(claim, encoding="utf-8") as f:
+        other = json.load(f)
+    if other.get("sweep_dir") == job["sweep_dir"] and other.get("job_num") != job["job_num"]:
+        raise ValueError(
+            f"run_dir={run_dir} is used by jobs {other.get('job_num')} and {job['job_num']} of the sweep in "
+            f"{job['sweep_dir']}: job {job['job_num']} would resume job {other.get('job_num')}'s checkpoint. "
+            "Leave run_dir unset in a multirun (each job gets <hydra.sweep.dir>/<job number>) or make it "
+            "differ per job, e.g. run_dir=runs/lr${optim.lr}"
+        )
+
+
 def record_job(run_dir: str, job: dict[str, Any]) -> None:
-    """Rank 0: write ``<run_dir>/overrides.yaml`` and, for a multirun job, ``<run_dir>/sweep.json``; refuse a run dir
-    that another job of the same sweep already uses."""
+    """Rank 0, once the run holds its run_dir: write ``<run_dir>/overrides.yaml`` and, for a multirun job,
+    ``<run_dir>/sweep.json`` (the claim :func:`check_sweep_claim` reads)."""
     if not job or int(os.environ.get("RANK", 0)) != 0:
         return
     import yaml
 
     os.makedirs(run_dir, exist_ok=True)
     if "sweep_dir" in job:
-        claim = os.path.join(run_dir, "sweep.json")
-        mine = {"sweep_dir": job["sweep_dir"], "job_num": job["job_num"]}
-        if os.path.exists(claim):
-            with open(claim, encoding="utf-8") as f:
-                other = json.load(f)
-            if other.get("sweep_dir") == mine["sweep_dir"] and other.get("job_num") != mine["job_num"]:
-                raise ValueError(
-                    f"run_dir={run_dir} is used by jobs {other.get('job_num')} and {mine['job_num']} of the sweep in "
-                    f"{mine['sweep_dir']}: job {mine['job_num']} would resume job {other.get('job_num')}'s checkpoint. "
-                    "Leave run_dir unset in a multirun (each job gets <hydra.sweep.dir>/<job number>) or make it "
-                    "differ per job, e.g. run_dir=runs/lr${optim.lr}"
-                )
-        with open(claim, "w", encoding="utf-8") as f:
-            json.dump(mine, f)
+        with open(os.path.join(run_dir, "sweep.json"), "w", encoding="utf-8") as f:
+            json.dump({"sweep_dir": job["sweep_dir"], "job_num": job["job_num"]}, f)
     with open(os.path.join(run_dir, "overrides.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(job["overrides"], f, default_flow_style=False)
 
@@ -110,12 +101,13 @@ def run(cfg: DictConfig, job: dict[str, Any] | None = None) -> dict[str, float]:
     config = validate(cfg)
     setup_logging(config.run_dir)
     job = job or {}
-    record_job(config.run_dir, job)
+    check_sweep_claim(config.run_dir, job)
     resolve_wandb(config, job.get("sweep_dir"))
     from igpt.trainer import Trainer
 
-    trainer = Trainer(config)
+    trainer = Trainer(config)  # holds <run_dir>/run.lock from here: only now does anything go into run_dir
     try:
+        record_job(config.run_dir, job)
         return trainer.fit()
     finally:
         trainer.close()

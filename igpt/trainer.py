@@ -32,6 +32,7 @@ from igpt import checkpoint
 from igpt.config import Config
 from igpt.devices import resolve_device
 from igpt.metrics import ComputeDtypeProbe, MetricsLogger, count_params, device_peak_flops, peak_memory_gb
+from igpt.runlog import attach_run_log
 from igpt.stages.context import StepResult
 
 log = logging.getLogger("igpt")
@@ -87,6 +88,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         self._take_lock()
+        attach_run_log(self.run_dir)  # the records logged so far, then everything, into <run_dir>/logs/rank<N>.log
         self.stage = build_stage(cfg)
         accum = self.stage.check_batch(self.world_size)
         # rank 0 picks the checkpoint (and warns about broken ones) so that every rank resumes from the same one

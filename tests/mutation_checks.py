@@ -223,6 +223,14 @@ MUTATIONS += [
 # ---- a core that reads one way (P16): the layering, the stage contract and the configuration as a value
 TL = "tests/test_layers.py::"
 MUTATIONS += [
+    ("M53 the run's log file opened before the run holds its run_dir (a refused run appends to the holder's log)",
+     [("igpt/runlog.py", "    root.addHandler(_Pending())\n",
+       "    root.addHandler(_Pending())\n    if run_dir:\n        attach_run_log(run_dir)\n")],
+     [T15 + "test_a_refused_run_writes_nothing_into_the_holders_run_dir"]),
+    ("M54 overrides.yaml written before the run holds its run_dir",
+     [("igpt/train.py", "    check_sweep_claim(config.run_dir, job)\n",
+       "    check_sweep_claim(config.run_dir, job)\n    record_job(config.run_dir, job)\n")],
+     [T15 + "test_a_refused_run_writes_nothing_into_the_holders_run_dir"]),
     ("M50 a stage imports the trainer for its type hints (the two-way contract back)",
      [("igpt/stages/base.py", "    from igpt.parallel.base import Wrapped\n",
        "    from igpt.parallel.base import Wrapped\n    from igpt.trainer import Trainer  # noqa: F401\n")],

@@ -219,6 +219,30 @@ def test_second_run_on_a_run_dir_fails_at_once_naming_the_holder(prepared_text_d
     assert not os.path.exists(os.path.join(run, "checkpoints"))
 
 
+def test_a_refused_run_writes_nothing_into_the_holders_run_dir(prepared_text_dir, tmp_path):
+    """The second run is refused before it writes anything: not a line appended to the holder's logs, not its
+    overrides.yaml replaced (the old code opened logs/rank0.log and wrote overrides.yaml before taking the lock)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    _lock(str(run))
+    (run / "logs").mkdir()
+    (run / "logs" / "rank0.log").write_text("the holder's log\n")
+    (run / "overrides.yaml").write_text("- the holder's overrides\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = subprocess.run([sys.executable, "igpt/train.py", *_base(prepared_text_dir, str(run), "trainer.max_steps=1")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is in use by another run" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run / "logs" / "rank0.log").read_text() == "the holder's log\n"
+    assert (run / "overrides.yaml").read_text() == "- the holder's overrides\n"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_stale_locks_are_taken_over_and_released(tmp_path, monkeypatch, caplog):
     import subprocess
     import sys

@@ -377,6 +377,20 @@ def case_sigterm_exit(c: Ctx, fx) -> dict:
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+#: the group of each case above; bench/trust_cases.py adds more of each and the rank failures
+FAULTS = {"flipped_weights", "flipped_optimizer", "flipped_shard", "truncated_shard", "two_runs_one_run_dir",
+          "overwrite_user_folder", "overwrite_own_input", "full_disk", "sigterm_exit"}
+
+
+def all_cases() -> dict[str, tuple[str, object]]:
+    """name -> (group, case): this file's 22 (13 bad inputs, 9 faults) and bench/trust_cases.py's."""
+    from bench import trust_cases
+
+    out = {name: ("fault" if name in FAULTS else "input", fn) for name, fn in CASES.items()}
+    for name, fn in trust_cases.CASES.items():
+        prefix = next(p for p in trust_cases.KINDS if name.startswith(p))
+        out[name[len(prefix):]] = (trust_cases.KINDS[prefix], fn)
+    return out
 
 
 def main() -> None:
@@ -390,7 +404,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="igpt-replay-") as tmp:
         fx = build_fixtures(tmp)
         c = Ctx(os.path.abspath(args.repo), tmp)
-        for name, fn in CASES.items():
+        for name, (group, fn) in all_cases().items():
             if only and name not in only:
                 continue
             t0 = time.time()
@@ -399,11 +413,15 @@ def main() -> None:
             except Exception as e:  # the harness itself failed for this case
                 res = {"outcome": "harness error", "error": repr(e)[:300]}
             res["s"] = round(time.time() - t0, 1)
+            res["group"] = group
             results[name] = res
-            print(f"{name:28s} {res['outcome']:10s} {json.dumps({k: v for k, v in res.items() if k != 'outcome'})}",
-                  flush=True)
+            extra = {k: v for k, v in res.items() if k not in ("outcome", "group")}
+            print(f"{group:5s} {name:36s} {res['outcome']:10s} {json.dumps(extra)}", flush=True)
     counts = collections.Counter(r["outcome"] for r in results.values())
-    print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    for group in ("input", "fault", "rank"):
+        n = collections.Counter(r["outcome"] for r in results.values() if r["group"] == group)
+        print(f"{group}: {sum(n.values())} cases, " + ", ".join(f"{k}: {v}" for k, v in sorted(n.items())))
+    print("all: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"repo": args.repo, "results": results, "counts": counts}, f, indent=2)

@@ -268,6 +268,17 @@ POSITIVE = (  # config keys that must be >= 1 (validate)
     "model.max_seq_len", "model.head_dim", "trainer.global_batch_size", "trainer.micro_batch_size", "trainer.seq_len",
 )
 
+RANGES = {  # config keys with a range: (low, high, low included, high included); None: unbounded (validate)
+    "optim.lr": (0.0, None, False, True),
+    "optim.eps": (0.0, None, False, True),
+    "optim.weight_decay": (0.0, None, True, True),
+    "optim.beta1": (0.0, 1.0, True, False),
+    "optim.beta2": (0.0, 1.0, True, False),
+    "optim.min_lr_ratio": (0.0, 1.0, True, True),
+    "optim.decay_fraction": (0.0, 1.0, True, True),
+    "optim.warmup_steps": (0, None, True, True),
+}
+
 CHOICES = {
     "resume": ("auto", "never"),
     "tokenizer_mismatch": ("error", "allow"),
@@ -374,6 +385,14 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         value = OmegaConf.select(merged, key)
         if value is not None and value < 1:
             raise ConfigError(f"config key {key!r} is {value}; expected a positive integer")
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        value = OmegaConf.select(merged, key)
+        below = value < low if low_in else value <= low
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            lo, hi = ("[" if low_in else "("), ("]" if high_in else ")")
+            raise ConfigError(f"config key {key!r} is {value}; expected a value in {lo}{low}, "
+                              f"{'inf' if high is None else high}{hi}")
     if merged.trainer.max_steps < 0:
         raise ConfigError(f"config key 'trainer.max_steps' is {merged.trainer.max_steps}; expected >= 0")
     m = merged.model

@@ -32,6 +32,10 @@ class MissingPathError(IgptError, FileNotFoundError):
     """A path the user named does not exist."""
 
 
+class DivergedError(IgptError, FloatingPointError):
+    """Training stopped: too many non-finite losses in a row (``trainer.max_bad_steps``)."""
+
+
 class MissingExtraError(IgptError, ImportError):
     """A feature needs an optional dependency that is not installed (the message names the pip extra)."""
 

@@ -318,7 +318,9 @@ class Trainer:
         bad_in_a_row += 1
         log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", self.step, out.loss, bad_in_a_row)
         if bad_in_a_row >= self.cfg.trainer.max_bad_steps:
-            raise FloatingPointError(
+            from igpt.errors import DivergedError
+
+            raise DivergedError(
                 f"{bad_in_a_row} consecutive non-finite losses, the last at step {self.step}; stopping "
                 f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); try a lower optim.lr"
             )

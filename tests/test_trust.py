@@ -458,6 +458,65 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temp_files(prep
     assert ".tmp-step" not in proc.stdout, proc.stdout  # the partial checkpoint was removed
 
 
+def test_full_disk_during_prepare_is_one_line_and_leaves_no_temp_files(tokenizer_file, tmp_path):
+    """The replay's full disk during prepare: an OSError traceback before; one line naming the folder now, and the
+    partial output removed. A real full filesystem: a 1 MiB tmpfs in a mount namespace."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = str(tmp_path / "full")
+    if not _can_mount_tmpfs(out):
+        pytest.skip("cannot mount a tmpfs in a user/mount namespace here (unshare -rm)")
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"the king and the queen rode out at night, {i}\n" for i in range(20000)))
+    script = (f"mount -t tmpfs -o size=1m none {out} && cd {REPO} && {sys.executable} -m igpt.data.prepare "
+              f"input={big} output_dir={out}/data tokenizer={tokenizer_file} val_fraction=0; echo rc=$?; ls -a {out}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert "rc=0" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no space left on {out} while preparing {out}/data" in proc.stderr, proc.stderr[-3000:]
+    assert ".data.tmp-" not in proc.stdout, proc.stdout  # the partial output was removed
+
+
+@pytest.mark.parametrize("override,match", [("optim.lr=-0.001", "'optim.lr' is -0.001"),
+                                            ("optim.beta2=1.0", "'optim.beta2' is 1.0"),
+                                            ("optim.warmup_steps=-1", "'optim.warmup_steps' is -1")])
+def test_out_of_range_optimiser_values_are_config_errors(override, match):
+    """The replay's negative learning rate ended in AdamW's 'Invalid learning rate: -0.001', naming no key."""
+    from igpt.config import validate
+    from igpt.errors import ConfigError
+    from tests.trainutil import compose_config
+
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_config(["+stage=pretrain", "data.dir=x", override]))
+
+
+def test_a_diverged_run_and_a_data_dir_without_tokenizer_are_typed_errors(prepared_text_dir, tmp_path):
+    """Both were tracebacks in the replay: max_bad_steps raised a bare FloatingPointError, a data dir without its
+    tokenizer.json a FileNotFoundError. Both are igpt errors now (one line from every CLI)."""
+    from types import SimpleNamespace
+
+    from igpt.errors import DivergedError, IgptError, MissingPathError
+    from igpt.stages.context import StepResult
+    from igpt.trainer import Trainer
+
+    stub = SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(max_bad_steps=2)), skipped_steps=0, step=7)
+    bad = StepResult(loss=float("nan"), lr=1e-3, grad_norm=float("nan"), finite=False)
+    assert Trainer._check_finite(stub, bad, 0) == 1
+    with pytest.raises(DivergedError, match="2 consecutive non-finite losses, the last at step 7") as e:
+        Trainer._check_finite(stub, bad, 1)
+    assert isinstance(e.value, IgptError) and isinstance(e.value, FloatingPointError)
+    data = tmp_path / "data"
+    shutil.copytree(prepared_text_dir, data)
+    os.remove(data / "tokenizer.json")
+    from igpt.stages.context import RunData
+
+    with pytest.raises(MissingPathError, match=rf"{data}/tokenizer.json' does not exist"):
+        RunData.open(str(data), "text", "pretrain", torch.device("cpu"))
+
+
 def test_sigterm_exits_promptly_after_the_checkpoint(prepared_text_dir, tmp_path):
     """Failure 6: a SIGTERM'd run once took 42 s to exit after its checkpoint; here it must exit 0 within 10 s of the
     signal with the checkpoint and ``preempted`` written. (The 42 s case did not reproduce on a tiny model, so this

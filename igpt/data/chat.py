@@ -334,7 +334,9 @@ class ChatFormat:
         folder = path if os.path.isdir(path) else None
         file = os.path.join(path, tokenizer_file) if folder else path
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"tokenizer {file!r} does not exist (expected a tokenizer.json file or a folder)")
+            from igpt.errors import MissingPathError
+
+            raise MissingPathError(f"tokenizer {file!r} does not exist (expected a tokenizer.json file or a folder)")
         try:
             tok = Tokenizer.from_file(file)
         except Exception as e:  # the Rust side raises plain Exception on malformed files

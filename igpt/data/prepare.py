@@ -51,6 +51,7 @@ sample stay in memory) until the split is chosen and the shards are written (ben
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -519,9 +520,15 @@ def prepare(
             json.dump(index, f, indent=2)
             f.write("\n")
         _swap_into(tmp, output_dir)
-    except BaseException:
+    except BaseException as e:
         spool.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(
+                f"no space left on {parent} while preparing {output_dir}: the partial output {tmp} was removed"
+                f"{' and the existing ' + output_dir + ' is untouched' if os.path.exists(output_dir) else ''}; "
+                f"free some space (or pick another output_dir) and run prepare again"
+            ) from None
         raise
     return index
 

@@ -13,8 +13,10 @@ to ``--repo`` (default: this checkout), on a tiny model and a small prepared dat
 - ``data loss``: a file the user had (or a previous checkpoint) is gone;
 - ``code ran``: a crafted checkpoint executed code (counted as its own outcome; also ``silent`` if the run went on).
 
-Not part of the test suite (about 3-5 minutes on 2 cores per checkout). Run it on the old and the new code to get
-the before/after table:
+The cases are grouped: 38 bad inputs, 28 faults and 3 rank failures (this file's 22, and bench/trust_cases.py,
+whose faults are injected from outside igpt: a ``sitecustomize`` patching torch, a tmpfs, signals); the summary
+counts each group. Not part of the test suite (about 6-10 minutes on 2 idle cores per checkout). Run it on the old
+and the new code to get the before/after table:
 
     git worktree add /tmp/igpt-old <old commit> && python bench/trust_replay.py --repo /tmp/igpt-old
     python bench/trust_replay.py

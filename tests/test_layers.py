@@ -19,7 +19,7 @@ MODEL = ("igpt.model", "igpt.kernels")
 # A name stands for the module and everything under it; the longest match wins.
 LAYERS = {
     0: ("igpt", "igpt.config", "igpt.registry", "igpt.errors", "igpt.cli", "igpt.precision", "igpt.devices",
-        "igpt.shards", "igpt.checksum", "igpt.safe_load", "igpt.runlock", "igpt.schedule", "igpt.stages",
+        "igpt.shards", "igpt.checksum", "igpt.safe_load", "igpt.runlock", "igpt.runlog", "igpt.schedule", "igpt.stages",
         "igpt.data.kinds", "igpt.data.jsonfile"),  # the stage table and the data-kind table are leaf tables
     1: ("igpt.data",),
     2: ("igpt.model", "igpt.kernels"),
@@ -143,8 +143,9 @@ def test_loop_never_imports_a_cli_module():
 
 
 def _layer(mod):
-    best = max((name for names in LAYERS.values() for name in names if mod == name or mod.startswith(name + ".")),
-               key=len, default=None)
+    # the package root stands for itself only, so a new module under it must be placed explicitly
+    best = max((name for names in LAYERS.values() for name in names
+                if mod == name or (name != "igpt" and mod.startswith(name + "."))), key=len, default=None)
     return next(level for level, names in LAYERS.items() if best in names) if best else None
 
 

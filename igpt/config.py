@@ -277,6 +277,8 @@ RANGES = {  # config keys with a range: (low, high, low included, high included)
     "optim.min_lr_ratio": (0.0, 1.0, True, True),
     "optim.decay_fraction": (0.0, 1.0, True, True),
     "optim.warmup_steps": (0, None, True, True),
+    "trainer.grad_clip": (0.0, None, True, True),
+    "trainer.max_bad_steps": (1, None, True, True),
 }
 
 CHOICES = {

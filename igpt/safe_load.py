@@ -12,6 +12,10 @@ planner reads non-tensor entries with ``torch.load(weights_only=False)``. Every 
   naming the file and the global, before anything is called;
 - non-tensor entries (an optimizer's ``param_groups``) are read with ``torch.load(weights_only=True)``; tensors are
   read that way by DCP already.
+
+The other pickled files of a checkpoint (``optimizer.pt``, ``train_state.pt``) are read by :func:`torch_load`:
+``torch.load(weights_only=True)``, whose refusal of a global (a crafted file) or failure to parse becomes a
+:class:`igpt.errors.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -108,6 +112,21 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def torch_load(path: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only. A file that names any other global
+    (a crafted pickle: nothing of it runs) or is not a torch file is a :class:`CheckpointError` naming ``path``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it is not plain tensor data ({why}); nothing from it was run (a crafted "
+            f"checkpoint can run code through a pickle). Use checkpoints only from sources you trust"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it as a torch file ({type(e).__name__}: {e})") from None
 
 
 def dcp_load(state: dict[str, Any], folder: str, **kwargs: Any) -> None:

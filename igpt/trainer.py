@@ -33,6 +33,7 @@ from igpt.config import Config
 from igpt.devices import resolve_device
 from igpt.metrics import ComputeDtypeProbe, MetricsLogger, count_params, device_peak_flops, peak_memory_gb
 from igpt.runlog import attach_run_log
+from igpt.safe_load import torch_load
 from igpt.stages.context import StepResult
 
 log = logging.getLogger("igpt")
@@ -179,7 +180,7 @@ class Trainer:
             if sub is None:
                 raise FileNotFoundError(f"{ckpt}: no weights for the {role} model (meta.json lists {sorted(dirs)})")
             handle.load(os.path.normpath(os.path.join(ckpt, sub)), meta)
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+        state = torch_load(os.path.join(ckpt, "train_state.pt"))
         self.step, self.tokens_seen = state["step"], state["tokens"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.train_loader.load_state_dict(state["loader"])

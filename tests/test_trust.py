@@ -544,3 +544,37 @@ def test_sigterm_exits_promptly_after_the_checkpoint(prepared_text_dir, tmp_path
     assert rc == 0 and os.path.exists(os.path.join(run, "preempted")), rc
     assert checkpoint.find_latest(run) is not None
     assert took <= 10, f"exited {took:.1f}s after SIGTERM"
+
+
+# ---------------------------------------------------------------------------------------------------- crafted pickles
+def _reseal(ckpt_dir: str) -> None:
+    """Make meta.json's sizes and checksums match the files again (a hostile checkpoint is self-consistent)."""
+    from igpt.checksum import file_checksum
+
+    meta = checkpoint.read_meta(ckpt_dir)
+    meta["files"] = {rel: os.path.getsize(os.path.join(ckpt_dir, rel)) for rel in meta["files"]}
+    meta["checksums"] = {rel: file_checksum(os.path.join(ckpt_dir, rel)) for rel in meta["checksums"]}
+    with open(os.path.join(ckpt_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+
+
+def test_crafted_optimizer_and_train_state_pickles_are_refused_naming_the_file(prepared_text_dir, tmp_path):
+    """A resumed run dir whose optimizer.pt or train_state.pt is a crafted pickle (meta.json made to match): refused
+    as a CheckpointError naming the file, nothing run (before: torch's UnpicklingError traceback)."""
+    from tests.trainutil import make_trainer, train
+
+    run = str(tmp_path / "run")
+    train(_base(prepared_text_dir, run, "trainer.max_steps=2"))
+    step2 = os.path.join(run, "checkpoints", "step_0000002")
+    marker = str(tmp_path / "pwned")
+    for name in ("optimizer.pt", "train_state.pt"):
+        good = open(os.path.join(step2, name), "rb").read()
+        with open(os.path.join(step2, name), "wb") as f:
+            pickle.dump(_Payload(marker), f)
+        _reseal(step2)
+        with pytest.raises(CheckpointError, match=rf"{step2}/{name}: refused to load: it is not plain tensor data"):
+            make_trainer(_base(prepared_text_dir, run, "trainer.max_steps=3"))
+        assert not os.path.exists(marker), "the checkpoint's pickle ran code"
+        with open(os.path.join(step2, name), "wb") as f:
+            f.write(good)
+        _reseal(step2)

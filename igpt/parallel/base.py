@@ -215,7 +215,9 @@ class Wrapped:
                 f"{path}: optimizer state missing; this checkpoint was written by strategy={meta.get('strategy')} "
                 "(resume under the strategy that wrote it, or start a new run with init_from=)"
             )
-        self.optimizer.load_state_dict(torch.load(path, map_location=self.strategy.device, weights_only=True))
+        from igpt.safe_load import torch_load
+
+        self.optimizer.load_state_dict(torch_load(path, map_location=self.strategy.device))
 
 
 class Strategy:

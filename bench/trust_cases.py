@@ -203,6 +203,33 @@ def input_export_from_a_data_dir(c: Ctx, fx) -> dict:
     return {"outcome": outcome(proc, [fx["text"]]), "rc": proc.returncode}
 
 
+def input_crafted_train_state(c: Ctx, fx) -> dict:
+    """A downloaded run dir whose train_state.pt is a crafted pickle, meta.json's sizes and checksums made to match."""
+    import pickle
+
+    from bench.trust_replay import Payload
+
+    run = _trained(c, fx, "i-crafted", steps=2)
+    ck = os.path.join(run, "checkpoints", "step_0000002")
+    marker = c.path("pwned-train-state")
+    with open(os.path.join(ck, "train_state.pt"), "wb") as f:
+        pickle.dump(Payload(marker), f)
+    meta = json.load(open(os.path.join(ck, "meta.json")))
+    if "files" in meta:
+        meta["files"]["train_state.pt"] = os.path.getsize(os.path.join(ck, "train_state.pt"))
+    if meta.get("checksums"):
+        sys.path.insert(0, c.repo)
+        from igpt.checksum import file_checksum
+
+        meta["checksums"]["train_state.pt"] = file_checksum(os.path.join(ck, "train_state.pt"))
+    with open(os.path.join(ck, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    proc = c.train(fx["text"], run, "trainer.max_steps=3")
+    if os.path.exists(marker):
+        return {"outcome": "code ran", "rc": proc.returncode}
+    return {"outcome": outcome(proc, ["train_state.pt"]), "rc": proc.returncode}
+
+
 # ---------------------------------------------------------------------------------------------------- faults
 def fault_kill_inside_checkpoint_write(c: Ctx, fx) -> dict:
     """SIGKILL while checkpoint 4 is half written (train_state.pt's write held open): resume from checkpoint 2."""
